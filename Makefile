@@ -1,0 +1,29 @@
+# `make test` and `make demo` each work alone on a fresh machine: they create
+# the virtual environment (.venv) and install the package first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-all demo install clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The default suite (slow tests excluded); `make test-all` runs everything.
+test: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow' -n 2 tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+demo: $(STAMP)
+	$(PY) -m diverse_cfg.demo --workdir=workdir_demo
+
+clean:
+	rm -rf $(VENV) *.egg-info

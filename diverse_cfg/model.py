@@ -1,0 +1,296 @@
+"""Conditional decoder-only transformer.
+
+The sequence the decoder sees is [prompt_0..prompt_{C-1}, BOS, y_1, ..., y_{T-1}]
+and it predicts y_1..y_T from the last T positions. The prompt is C condition
+tokens embedded as a prefix; a learned null prompt (C vectors) replaces it for
+"no condition" rows, which is the unconditional branch of CFG.
+
+One call signature serves everything: a full teacher-forced forward
+(cache=None) and an incremental decode step that writes keys/values into a
+fixed-size KV cache at `start` and attends over all cache slots up to the
+current position. Every parameter carries logical axis names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diverse_cfg import specials
+
+NEG_INF = -1e9  # finite "impossible": keeps p*log(p/q) at exactly 0, not NaN
+
+Cache = dict[str, jax.Array]  # {'k','v'}: [L, B, S, H, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  prompt_vocab_size: int
+  prompt_len: int
+  seq_len: int
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  mlp_dim: int = 256
+  tie_embeddings: bool = True
+  prompt_dropout: float = 0.2
+  dtype: str = 'float32'
+  rope_base: float = 10_000.0
+  remat: str = 'none'
+  scan_layers: bool = False
+
+  @classmethod
+  def from_config(cls, m: ml_collections.ConfigDict) -> 'ModelConfig':
+    return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def max_positions(self) -> int:
+    """Cache length: prompt + BOS + all but the last target token."""
+    return self.prompt_len + self.seq_len
+
+  @property
+  def padded_vocab(self) -> int:
+    """Embedding rows: rounded up so any tensor-axis size divides them."""
+    return -(-self.vocab_size // 128) * 128
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    emb = self.padded_vocab * self.d_model * (1 if self.tie_embeddings else 2)
+    emb += (self.prompt_vocab_size + self.prompt_len) * self.d_model
+    per_layer = 4 * self.d_model * self.d_model + 3 * self.d_model * self.mlp_dim + 2 * self.d_model
+    return emb + self.num_layers * per_layer + self.d_model
+
+
+def _init(names, std=None):
+  base = nn.initializers.normal(std) if std else nn.initializers.lecun_normal()
+  return nn.with_logical_partitioning(base, names)
+
+
+def _weight(module: nn.Module, name: str, shape, names, cfg: 'ModelConfig'):
+  """A float32 kernel with logical names, cast to the compute dtype.
+
+  Fan-in is every axis but the last, so (embed, heads, kv) and
+  (heads, kv, embed) kernels are scaled like the dense layers they are.
+  """
+  fan_in = 1
+  for n in shape[:-1]:
+    fan_in *= n
+  w = module.param(name, _init(names, std=fan_in ** -0.5), shape, jnp.float32)
+  return w.astype(cfg.jnp_dtype)
+
+
+class RMSNorm(nn.Module):
+  dtype: Any
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def rotary(x_BxTxHxK: jax.Array, pos_T: jax.Array, base: float) -> jax.Array:
+  half = x_BxTxHxK.shape[-1] // 2
+  freq_K2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_TxK2 = pos_T.astype(jnp.float32)[:, None] * freq_K2[None, :]
+  sin, cos = jnp.sin(angle_TxK2)[None, :, None, :], jnp.cos(angle_TxK2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, pos_T, cache_k, cache_v, start):
+    c = self.cfg
+    qkv_shape = (c.d_model, c.num_heads, c.head_dim)
+    proj = lambda name: _weight(self, name, qkv_shape, ('embed', 'heads', 'kv'), c)
+    q_BxTxHxK = rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('query')), pos_T, c.rope_base)
+    k_BxTxHxK = rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('key')), pos_T, c.rope_base)
+    v_BxTxHxK = jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('value'))
+
+    if cache_k is None:  # full forward: attend within this chunk
+      k_BxSxHxK, v_BxSxHxK, key_pos_S = k_BxTxHxK, v_BxTxHxK, pos_T
+    else:  # decode: write this chunk at `start`, attend over all slots
+      idx = (0, start, 0, 0)
+      k_BxSxHxK = jax.lax.dynamic_update_slice(cache_k, k_BxTxHxK.astype(cache_k.dtype), idx)
+      v_BxSxHxK = jax.lax.dynamic_update_slice(cache_v, v_BxTxHxK.astype(cache_v.dtype), idx)
+      key_pos_S = jnp.arange(cache_k.shape[1])
+
+    scores_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
+    causal_TxS = key_pos_S[None, :] <= pos_T[:, None]  # also hides unwritten cache slots
+    scores_BxHxTxS = jnp.where(causal_TxS[None, None], scores_BxHxTxS, NEG_INF)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(c.jnp_dtype)
+    out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', probs_BxHxTxS, v_BxSxHxK.astype(c.jnp_dtype))
+    w_out = _weight(self, 'out', (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'), c)
+    out_BxTxD = jnp.einsum('bthk,hkd->btd', out_BxTxHxK, w_out)
+    if cache_k is None:
+      return out_BxTxD, None, None
+    return out_BxTxD, k_BxSxHxK, v_BxSxHxK
+
+
+class GatedMLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.cfg
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=c.jnp_dtype)
+    gate = dense(c.mlp_dim, kernel_init=_init(('embed', 'mlp')), name='gate')(x_BxTxD)
+    up = dense(c.mlp_dim, kernel_init=_init(('embed', 'mlp')), name='up')(x_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return dense(c.d_model, kernel_init=_init(('mlp', 'embed')), name='down')(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm block. Signature fits nn.scan: (carry, per-layer xs) -> (carry, ys)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, layer_cache):
+    x_BxTxD, pos_T, start = carry
+    cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
+    h, new_k, new_v = Attention(self.cfg, name='attn')(
+        RMSNorm(self.cfg.jnp_dtype, name='attn_norm')(x_BxTxD), pos_T, cache_k, cache_v, start)
+    x_BxTxD = x_BxTxD + h
+    x_BxTxD = x_BxTxD + GatedMLP(self.cfg, name='mlp')(RMSNorm(self.cfg.jnp_dtype, name='mlp_norm')(x_BxTxD))
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
+    return (x_BxTxD, pos_T, start), (None if new_k is None else (new_k, new_v))
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == 'none':
+    return Block
+  policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == 'dots'
+            else jax.checkpoint_policies.nothing_saveable)
+  return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Decoder(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    emb_init = _init(('vocab', 'embed'), std=1.0)
+    self.embed = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init, name='embed')
+    if c.prompt_len > 0:
+      self.prompt_embed = nn.Embed(c.prompt_vocab_size, c.d_model,
+                                   embedding_init=_init(('prompt_vocab', 'embed'), std=1.0))
+      self.null_prompt = self.param('null_prompt', _init(('prompt_len', 'embed'), std=1.0),
+                                    (c.prompt_len, c.d_model), jnp.float32)
+    block = _block_class(c)
+    if c.scan_layers:
+      self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                            in_axes=0, length=c.num_layers,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})(c, name='layers')
+    else:
+      self.layers = [block(c, name=f'layer_{i}') for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.jnp_dtype)
+    if not c.tie_embeddings:
+      self.head = nn.Dense(c.padded_vocab, use_bias=False, dtype=c.jnp_dtype,
+                           kernel_init=_init(('embed', 'vocab')))
+
+  def embed_prefix(self, prompt_BxC, null_B):
+    """Prompt embeddings, the learned null prompt where null_B is True."""
+    p_BxCxD = self.prompt_embed(prompt_BxC)
+    return jnp.where(null_B[:, None, None], self.null_prompt[None].astype(p_BxCxD.dtype), p_BxCxD)
+
+  def __call__(self, tokens_BxT, prompt_BxC=None, null_B=None, cache: Cache | None = None,
+               start=0):
+    """Logits [B, T, V] (float32) for the next token after each input token.
+
+    Full forward: cache=None, prompt given (if prompt_len > 0), start=0; the
+    input is [prompt, tokens]. Decode: cache given; prompt given only on the
+    first (prefill) call. Returns (logits, new_cache or None).
+    """
+    c = self.cfg
+    x_BxTxD = self.embed(tokens_BxT).astype(c.jnp_dtype)
+    if prompt_BxC is not None and c.prompt_len > 0:
+      if null_B is None:
+        null_B = jnp.zeros(tokens_BxT.shape[:1], bool)
+      x_BxTxD = jnp.concatenate([self.embed_prefix(prompt_BxC, null_B).astype(c.jnp_dtype),
+                                 x_BxTxD], axis=1)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
+    pos_T = start + jnp.arange(x_BxTxD.shape[1])
+
+    carry = (x_BxTxD, pos_T, start)
+    if c.scan_layers:
+      xs = None if cache is None else (cache['k'], cache['v'])
+      carry, kv = self.layers(carry, xs)
+      new_cache = None if cache is None else {'k': kv[0], 'v': kv[1]}
+    else:
+      ks, vs = [], []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else (cache['k'][i], cache['v'][i])
+        carry, kv = layer(carry, layer_cache)
+        if kv is not None:
+          ks.append(kv[0])
+          vs.append(kv[1])
+      new_cache = None if cache is None else {'k': jnp.stack(ks), 'v': jnp.stack(vs)}
+
+    h_BxTxD = self.final_norm(carry[0])[:, -tokens_BxT.shape[1]:]
+    if c.tie_embeddings:
+      logits_BxTxV = self.embed.attend(h_BxTxD.astype(jnp.float32)) / jnp.sqrt(c.d_model)
+    else:
+      logits_BxTxV = self.head(h_BxTxD)
+    logits_BxTxV = logits_BxTxV[..., :c.vocab_size].astype(jnp.float32)
+    # PAD and BOS are never emitted: the sampler and the KL then agree on support.
+    never_V = jnp.zeros((c.vocab_size,), bool).at[jnp.array([specials.PAD, specials.BOS])].set(True)
+    logits_BxTxV = jnp.where(never_V, NEG_INF, logits_BxTxV)
+    return nn.with_logical_constraint(logits_BxTxV, ('batch', 'length', 'vocab')), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> Cache:
+  shape = (cfg.num_layers, batch, cfg.max_positions, cfg.num_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, cfg.jnp_dtype), 'v': jnp.zeros(shape, cfg.jnp_dtype)}
+
+
+CACHE_AXES = ('layers', 'batch', 'cache_len', 'heads', 'kv')
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+  """Boxed (logically partitioned) params; wrap with sharding.create_sharded."""
+  model = Decoder(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  prompt = jnp.zeros((1, cfg.prompt_len), jnp.int32)
+  return model.init(rng, tokens, prompt, jnp.zeros((1,), bool))['params']
+
+
+def forward(cfg: ModelConfig, params, tokens_BxT, prompt_BxC, null_B):
+  """Teacher-forced logits for y_1..y_T given targets y (BOS is prepended here)."""
+  inputs_BxT = jnp.concatenate(
+      [jnp.full((tokens_BxT.shape[0], 1), specials.BOS, tokens_BxT.dtype), tokens_BxT[:, :-1]], 1)
+  logits, _ = Decoder(cfg).apply({'params': params}, inputs_BxT, prompt_BxC, null_B)
+  return logits
+
+
+def step(cfg: ModelConfig, params, tokens_BxT, cache: Cache, start, prompt_BxC=None, null_B=None):
+  """The decode step every sampler uses: (logits of the last position, new cache)."""
+  logits, cache = Decoder(cfg).apply({'params': params}, tokens_BxT, prompt_BxC, null_B,
+                                     cache=cache, start=start)
+  return logits[:, -1], cache
+
+
+def abstract_params(cfg: ModelConfig):
+  """Boxed ShapeDtypeStructs of the params (no memory): shapes + logical names."""
+  return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))

@@ -1,0 +1,178 @@
+"""Student sampler, CFG-teacher sampler and teacher-forced CFG scoring.
+
+All three go through `model.Decoder` (the decode step for the samplers, the
+same module's full forward for scoring). What is static (model config, number
+of new tokens, mesh) lives in the frozen `Sampler`; gamma, temperature and
+top-k are traced arrays, so changing them never recompiles.
+
+CFG combines per-position log-probs as
+    l_cfg = log_softmax(l_u + gamma (l_c - l_u)),
+computed as l_c + (gamma - 1)(l_c - l_u) so that gamma = 1 is *exactly* l_c
+(the student's distribution, bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diverse_cfg import model as model_lib
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import specials
+
+
+def cfg_log_probs(logits_c, logits_u, gamma):
+  """log_softmax(l_u + gamma (l_c - l_u)) over the last axis; logits_u=None: no CFG."""
+  lc = jax.nn.log_softmax(logits_c, axis=-1)
+  if logits_u is None:
+    return jax.nn.log_softmax(lc, axis=-1)
+  lu = jax.nn.log_softmax(logits_u, axis=-1)
+  return jax.nn.log_softmax(lc + (gamma - 1.0) * (lc - lu), axis=-1)
+
+
+def top_k_filter(logp_BxV, top_k):
+  """Keeps the top_k entries (ties kept); top_k = 0 keeps all. top_k may be traced."""
+  vocab = logp_BxV.shape[-1]
+  sorted_BxV = jnp.sort(logp_BxV, axis=-1)
+  kth_Bx1 = jnp.take(sorted_BxV, vocab - jnp.clip(top_k, 1, vocab), axis=-1)[:, None]
+  keep = (top_k <= 0) | (logp_BxV >= kth_Bx1)
+  return jnp.where(keep, logp_BxV, model_lib.NEG_INF)
+
+
+def sampling_log_probs(logits_c, logits_u, gamma, temperature, top_k):
+  """The distribution a token is drawn from: CFG, then temperature, then top-k."""
+  logp = cfg_log_probs(logits_c, logits_u, gamma)
+  return jax.nn.log_softmax(top_k_filter(logp / temperature, top_k), axis=-1)
+
+
+def _draw(key, logp_BxV, done_B):
+  tok_B = jax.random.categorical(key, logp_BxV, axis=-1).astype(jnp.int32)
+  lp_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
+  tok_B = jnp.where(done_B, specials.PAD, tok_B)
+  lp_B = jnp.where(done_B, 0.0, lp_B)
+  return tok_B, lp_B, done_B | (tok_B == specials.EOS)
+
+
+def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, params, prompt_BxC,
+             key, gamma, temperature, top_k):
+  """Samples num_new_tokens after BOS. Returns (tokens [B,N], log-probs [B,N]).
+
+  Rows finish at EOS; after it they hold PAD with log-prob 0. With guided=True
+  the batch is [cond; uncond] (uncond = learned null prompt), 2B rows through
+  one forward with one cache each, and both get the same sampled token.
+  """
+  batch = prompt_BxC.shape[0]
+  rows = 2 * batch if guided else batch
+  prompt_RxC = jnp.concatenate([prompt_BxC, prompt_BxC]) if guided else prompt_BxC
+  null_R = jnp.arange(rows) >= batch  # uncond rows only in the guided half
+  bos_Rx1 = jnp.full((rows, 1), specials.BOS, jnp.int32)
+  cache = model_lib.init_cache(cfg, rows)
+  cache = nn.with_logical_constraint(cache, {'k': model_lib.CACHE_AXES, 'v': model_lib.CACHE_AXES})
+  logits_RxV, cache = model_lib.step(cfg, params, bos_Rx1, cache, 0, prompt_RxC, null_R)
+
+  def dist(logits_RxV):
+    if guided:
+      return sampling_log_probs(logits_RxV[:batch], logits_RxV[batch:], gamma, temperature, top_k)
+    return sampling_log_probs(logits_RxV, None, gamma, temperature, top_k)
+
+  def feed(tok_B):
+    return (jnp.concatenate([tok_B, tok_B]) if guided else tok_B)[:, None]
+
+  tok0, lp0, done = _draw(jax.random.fold_in(key, 0), dist(logits_RxV), jnp.zeros(batch, bool))
+
+  def body(carry, t):
+    tok_B, cache, done_B = carry
+    pos = cfg.prompt_len + t  # position of the token being fed (BOS sits at prompt_len)
+    logits_RxV, cache = model_lib.step(cfg, params, feed(tok_B), cache, pos)
+    tok_B, lp_B, done_B = _draw(jax.random.fold_in(key, t), dist(logits_RxV), done_B)
+    return (tok_B, cache, done_B), (tok_B, lp_B)
+
+  _, (toks_NxB, lps_NxB) = jax.lax.scan(body, (tok0, cache, done), jnp.arange(1, num_new_tokens))
+  tokens_BxN = jnp.concatenate([tok0[:, None], toks_NxB.T], axis=1)
+  logprobs_BxN = jnp.concatenate([lp0[:, None], lps_NxB.T], axis=1)
+  return tokens_BxN, logprobs_BxN
+
+
+def score(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, gamma):
+  """Teacher-forced per-position log-probs [B, T, V]: cond, uncond and CFG-combined.
+
+  One forward over 2B rows ([cond; uncond]); position t scores y_t given y_<t.
+  """
+  batch = tokens_BxT.shape[0]
+  null_R = jnp.arange(2 * batch) >= batch
+  logits = model_lib.forward(cfg, params, jnp.concatenate([tokens_BxT, tokens_BxT]),
+                             jnp.concatenate([prompt_BxC, prompt_BxC]), null_R)
+  lc, lu = logits[:batch], logits[batch:]
+  return {'cond': jax.nn.log_softmax(lc, -1), 'uncond': jax.nn.log_softmax(lu, -1),
+          'cfg': cfg_log_probs(lc, lu, gamma)}
+
+
+def token_mask(tokens_BxT):
+  """1 where a position holds a real token (events and the EOS), 0 on PAD."""
+  return (tokens_BxT != specials.PAD).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Jitted samplers for one model config on one mesh (gemma-style: static here)."""
+  cfg: model_lib.ModelConfig
+  num_new_tokens: int
+  mesh: jax.sharding.Mesh
+  rules: Any
+
+  def __post_init__(self):
+    if not 1 <= self.num_new_tokens <= self.cfg.seq_len:
+      raise ValueError(f'num_new_tokens={self.num_new_tokens} must be in [1, seq_len='
+                       f'{self.cfg.seq_len}]')
+
+  @functools.cached_property
+  def param_shardings(self):
+    return sharding_lib.logical_to_shardings(model_lib.abstract_params(self.cfg), self.mesh,
+                                             self.rules)
+
+  def _jit(self, guided: bool):
+    batch = sharding_lib.batch_sharding(self.mesh, 2)
+    repl = sharding_lib.replicated(self.mesh)
+    fn = functools.partial(generate, self.cfg, self.num_new_tokens, guided)
+    return jax.jit(fn, in_shardings=(self.param_shardings, batch, repl, repl, repl, repl),
+                   out_shardings=(batch, batch))
+
+  @functools.cached_property
+  def _student(self):
+    return self._jit(False)
+
+  @functools.cached_property
+  def _teacher(self):
+    return self._jit(True)
+
+  def _check_prompt(self, prompt_BxC):
+    if prompt_BxC.ndim != 2 or prompt_BxC.shape[1] != self.cfg.prompt_len:
+      raise ValueError(f'prompt must be [batch, prompt_len={self.cfg.prompt_len}], got shape '
+                       f'{tuple(prompt_BxC.shape)}')
+    n = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    if prompt_BxC.shape[0] % n:
+      raise ValueError(f'batch {prompt_BxC.shape[0]} must be a multiple of data*fsdp = {n}')
+
+  def _run(self, fn, params, prompt_BxC, key, gamma, temperature, top_k):
+    prompt_BxC = jnp.asarray(prompt_BxC, jnp.int32)
+    self._check_prompt(prompt_BxC)
+    if not float(temperature) > 0:
+      raise ValueError(f'temperature must be > 0, got {temperature}')
+    if float(gamma) < 0:
+      raise ValueError(f'gamma must be >= 0, got {gamma}')
+    scalars = (jnp.float32(gamma), jnp.float32(temperature), jnp.int32(top_k))
+    with sharding_lib.activate(self.mesh, self.rules):
+      return fn(params, prompt_BxC, key, *scalars)
+
+  def sample(self, params, prompt_BxC, key, temperature=1.0, top_k=0):
+    """Student sampling (no CFG): one forward per token."""
+    return self._run(self._student, params, prompt_BxC, key, 1.0, temperature, top_k)
+
+  def sample_cfg(self, params, prompt_BxC, key, gamma=3.0, temperature=1.0, top_k=0):
+    """CFG-teacher sampling: cond and uncond rows in one forward per token."""
+    return self._run(self._teacher, params, prompt_BxC, key, gamma, temperature, top_k)

@@ -57,6 +57,31 @@ def base_config() -> ml_collections.ConfigDict:
       ('layers', None),
   )
 
+  c.data = d = ml_collections.ConfigDict()
+  d.name = 'essen_folk'  # 'essen_folk' | 'imported' (then npz_path) | an imported dataset's name
+  d.data_dir = ''  # '' = $DIVERSE_CFG_DATA_DIR or ~/tensorflow_datasets
+  d.npz_path = ''
+  d.seq_len = 128  # Essen builder: target length T (events + EOS)
+  d.max_files = 0  # Essen builder subset for smoke runs; 0 = all
+  d.max_tunes = 0
+
+  c.train = t = ml_collections.ConfigDict()  # base-model pretraining
+  t.batch_size = 32  # global
+  t.num_steps = 2000
+  t.lr = 1e-3
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1  # cosine decays to lr * this
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.grad_clip = 1.0
+  t.log_every = 20
+  t.eval_every = 200
+  t.eval_batches = 8  # validation batches per evaluation; 0 = whole split
+  t.ckpt_every = 200
+  t.keep = 3
+  t.peak_flops = 150e9  # per device, for MFU (measured 2048^2 f32 matmul here)
+
   c.sampling = s = ml_collections.ConfigDict()
   s.gamma = 3.0  # CFG strength; 1 = no guidance
   s.temperature = 1.0
@@ -105,6 +130,32 @@ def validate_model(m: ml_collections.ConfigDict, *, sizes_known: bool = True) ->
   _require(m.remat in _REMAT, 'model.remat', f'must be one of {_REMAT}', m.remat)
 
 
+def validate_train(t: ml_collections.ConfigDict, section: str = 'train') -> None:
+  for f in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every', 'keep'):
+    _require(t[f] > 0, f'{section}.{f}', 'must be positive', t[f])
+  _require(t.lr > 0, f'{section}.lr', 'must be positive', t.lr)
+  _require(0 <= t.warmup_steps, f'{section}.warmup_steps', 'must be >= 0', t.warmup_steps)
+  _require(0 <= t.min_lr_ratio <= 1, f'{section}.min_lr_ratio', 'must be in [0, 1]', t.min_lr_ratio)
+  _require(t.grad_clip > 0, f'{section}.grad_clip', 'must be positive', t.grad_clip)
+  _require(t.eval_batches >= 0, f'{section}.eval_batches', 'must be >= 0', t.eval_batches)
+
+
+def validate_batch(batch_size: int, field: str, mesh_cfg, num_devices: int) -> None:
+  shards = 1
+  for a in ('data', 'fsdp'):
+    n = mesh_cfg[a]
+    shards *= num_devices // _fixed_product(mesh_cfg) if n == -1 else n
+  _require(batch_size % shards == 0, field,
+           f'must be a multiple of the data*fsdp mesh size {shards}', batch_size)
+
+
+def _fixed_product(mesh_cfg) -> int:
+  out = 1
+  for a in ('data', 'fsdp', 'tensor'):
+    out *= max(mesh_cfg[a], 1)
+  return out
+
+
 def validate_sampling(s: ml_collections.ConfigDict) -> None:
   _require(s.gamma >= 0, 'sampling.gamma', 'CFG strength must be >= 0', s.gamma)
   _require(s.temperature > 0, 'sampling.temperature', 'must be > 0', s.temperature)
@@ -118,9 +169,7 @@ def validate_mesh(ms: ml_collections.ConfigDict, num_devices: int) -> None:
   free = [a for a, n in sizes.items() if n == -1]
   _require(len(free) <= 1, f'mesh.{free[-1] if free else "data"}',
            'at most one mesh axis may be -1', -1)
-  fixed = 1
-  for n in sizes.values():
-    fixed *= max(n, 1)
+  fixed = _fixed_product(ms)
   if free:
     _require(num_devices % fixed == 0, f'mesh.{free[0]}',
              f'cannot fill {num_devices} devices: the other axes take {fixed}', -1)
@@ -136,5 +185,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,
   _check_keys(cfg, reference if reference is not None else base_config(), '')
   validate_model(cfg.model, sizes_known=sizes_known)
   validate_sampling(cfg.sampling)
+  validate_train(cfg.train)
   if num_devices is not None:
     validate_mesh(cfg.mesh, num_devices)
+    validate_batch(cfg.train.batch_size, 'train.batch_size', cfg.mesh, num_devices)

@@ -191,12 +191,12 @@ class Decoder(nn.Module):
 
   def setup(self):
     c = self.cfg
-    emb_init = _init(('vocab', 'embed'), std=1.0)
+    emb_init = _init(('vocab', 'embed'), std=c.d_model ** -0.5)  # tied-head logits ~ N(0, 1)
     self.embed = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init, name='embed')
     if c.prompt_len > 0:
       self.prompt_embed = nn.Embed(c.prompt_vocab_size, c.d_model,
-                                   embedding_init=_init(('prompt_vocab', 'embed'), std=1.0))
-      self.null_prompt = self.param('null_prompt', _init(('prompt_len', 'embed'), std=1.0),
+                                   embedding_init=_init(('prompt_vocab', 'embed'), std=c.d_model ** -0.5))
+      self.null_prompt = self.param('null_prompt', _init(('prompt_len', 'embed'), std=c.d_model ** -0.5),
                                     (c.prompt_len, c.d_model), jnp.float32)
     block = _block_class(c)
     if c.scan_layers:
@@ -250,7 +250,7 @@ class Decoder(nn.Module):
 
     h_BxTxD = self.final_norm(carry[0])[:, -tokens_BxT.shape[1]:]
     if c.tie_embeddings:
-      logits_BxTxV = self.embed.attend(h_BxTxD.astype(jnp.float32)) / jnp.sqrt(c.d_model)
+      logits_BxTxV = self.embed.attend(h_BxTxD.astype(jnp.float32))
     else:
       logits_BxTxV = self.head(h_BxTxD)
     logits_BxTxV = logits_BxTxV[..., :c.vocab_size].astype(jnp.float32)

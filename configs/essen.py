@@ -1,0 +1,60 @@
+"""Essen folk melodies (music21's corpus): every stage of the pipeline.
+
+Presets (the arg after the colon):
+  smoke  a seconds-long CPU run on a small subset (tests, quick checks)
+  cpu    the default, sized for a 2-core CPU machine (`make demo`)
+  pod    a realistic model and mesh for a TPU pod slice / GPU cluster
+
+Launch:
+  python -m diverse_cfg.main --stage=pretrain --config=configs/essen.py:cpu --workdir=/tmp/essen
+  python -m diverse_cfg.main --stage=pretrain --config=configs/essen.py:smoke --workdir=/tmp/smoke \
+      --config.train.num_steps=20
+"""
+
+from diverse_cfg import config_lib
+
+
+def get_config(arg: str = 'cpu'):
+  preset = arg or 'cpu'
+  c = config_lib.base_config()
+  c.data.name = 'essen_folk'
+  c.data.seq_len = 128
+
+  if preset == 'smoke':
+    c.data.max_files = 1
+    c.data.max_tunes = 300
+    c.data.seq_len = 64
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 32, 2, 64
+    c.train.batch_size = 8
+    c.train.num_steps = 20
+    c.train.warmup_steps = 2
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.eval_batches = 2
+    c.train.ckpt_every = 10
+  elif preset == 'cpu':
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 4, 128, 4, 384
+    c.train.batch_size = 32
+    c.train.num_steps = 2000
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 100
+    c.train.eval_every = 250
+    c.train.eval_batches = 0
+    c.train.ckpt_every = 250
+  elif preset == 'pod':
+    # ~300M params; a v5e-64 / 8x8 GPU layout: 8-way data, 4-way fsdp, 2-way tensor.
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 24, 1024, 16, 4096
+    c.model.dtype = 'bfloat16'
+    c.model.remat = 'dots'
+    c.model.scan_layers = True
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 4, 2
+    c.train.batch_size = 512
+    c.train.num_steps = 20_000
+    c.train.lr = 3e-4
+    c.train.warmup_steps = 1000
+    c.train.eval_every = 1000
+    c.train.ckpt_every = 1000
+    c.train.peak_flops = 197e12  # TPU v5e bf16 per chip
+  else:
+    raise ValueError(f'unknown preset {preset!r} for configs/essen.py; use smoke, cpu or pod')
+  return c

@@ -1,0 +1,73 @@
+"""What every stage does first: validate the config, load the data, build the mesh.
+
+Model sizes left at FROM_DATA (-1) are filled from the dataset's metadata;
+sizes set explicitly must agree with it. Everything is checked before any
+training work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from diverse_cfg import config_lib
+from diverse_cfg import model as model_lib
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg.data import meta as meta_lib
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  meta: Any  # data.meta.DatasetMeta
+  sources: dict[str, Any]  # split -> random-access data source
+  mesh: jax.sharding.Mesh
+  rules: Any
+  model_cfg: model_lib.ModelConfig
+
+
+_SIZE_FIELDS = {'vocab_size': 'vocab_size', 'prompt_vocab_size': 'prompt_vocab_size',
+                'prompt_len': 'prompt_len', 'seq_len': 'seq_len'}
+
+
+def fill_model_sizes(config: ml_collections.ConfigDict, meta) -> None:
+  for field, attr in _SIZE_FIELDS.items():
+    have, want = config.model[field], getattr(meta, attr)
+    if have == config_lib.FROM_DATA:
+      config.model[field] = int(want)
+    elif have != want:
+      raise config_lib.ConfigError(
+          f'config.model.{field}={have} but dataset {meta.name!r} has {attr}={want}; '
+          f'leave it at {config_lib.FROM_DATA} to take it from the data')
+
+
+def load_data(config: ml_collections.ConfigDict):
+  d = config.data
+  if d.name == 'essen_folk':
+    options = {'seq_len': d.seq_len, 'max_files': d.max_files or None,
+               'max_tunes': d.max_tunes or None}
+  elif d.name == 'imported':
+    if not d.npz_path:
+      raise config_lib.ConfigError("config.data.npz_path='': needed when config.data.name='imported'")
+    options = {'npz_path': d.npz_path}
+  else:
+    options = {}
+  return meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+
+
+def prepare(config: ml_collections.ConfigDict,
+            devices: Sequence[jax.Device] | None = None) -> Experiment:
+  config = config.copy_and_resolve_references()
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(config, sizes_known=False)
+  sources, meta = load_data(config)
+  with config.unlocked():
+    fill_model_sizes(config, meta)
+  config_lib.validate(config, num_devices=len(devices))
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  return Experiment(config=config, meta=meta, sources=sources, mesh=mesh,
+                    rules=sharding_lib.rules_of(config.mesh),
+                    model_cfg=model_lib.ModelConfig.from_config(config.model))

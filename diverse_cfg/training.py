@@ -1,0 +1,245 @@
+"""The training loop every stage shares (pretraining, evaluators, finetuning).
+
+A stage supplies a `Task`: how to build its (boxed, logically named) state, a
+pure train step, an optional evaluation, and a checkpointable batch iterator.
+The loop does the rest the same way for all: sharded init or automatic resume
+from the work directory, one jitted step with explicit shardings and donated
+state, metrics as JSON lines + TensorBoard + a progress bar (process 0 only),
+async keep-N checkpoints, a checkpoint on SIGTERM, and a stop with the step and
+quantity named when a loss or gradient goes non-finite (the step skips such an
+update, so no non-finite state is ever saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from diverse_cfg import checkpoints
+from diverse_cfg import sharding as sharding_lib
+
+
+log = logging.getLogger('diverse_cfg')
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient became NaN/Inf; the message names the step and quantity."""
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip),
+                   optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+  return tx, schedule
+
+
+def apply_gradients(tx, state: dict, grads, finite) -> dict:
+  """One optimiser update, skipped (state kept) when `finite` is False."""
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  new = {'params': params, 'opt_state': opt_state}
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+
+def finite_flags(**quantities) -> dict[str, jax.Array]:
+  return {f'finite/{k}': jnp.all(jnp.isfinite(v)) for k, v in quantities.items()}
+
+
+class MetricsWriter:
+  """JSON lines + TensorBoard scalars, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:  # TensorBoard is optional; JSON lines always work
+      self.tb = None
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.active:
+      return
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+class Preemption:
+  """SIGTERM sets a flag; the loop saves at the current step and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    log.warning('SIGTERM received: checkpointing at the current step, then exiting')
+    self.requested = True
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class Task:
+  """What a stage plugs into the loop."""
+  name: str
+  # key -> boxed state {'params', 'opt_state'} (logical names drive the shardings).
+  init_state: Callable[[jax.Array], dict]
+  # (state, batch, step) -> (state, metrics); metrics are scalars.
+  train_step: Callable[..., tuple[dict, dict]]
+  batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
+  batch_shardings: Any = None
+  evaluate: Callable[[dict, int], dict[str, float]] | None = None
+  tokens_per_step: int = 0
+  flops_per_step: float = 0.0
+  # Replaces the random init on a fresh run (e.g. a student starting from the base model).
+  initial_state: Callable[[dict], dict] | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  state: dict
+  history: list[dict]
+  preempted: bool = False
+
+
+def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str,
+        mesh: jax.sharding.Mesh, rules, progress: bool = True) -> RunResult:
+  """Trains `task` for t.num_steps steps, resuming from workdir if it has checkpoints."""
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep)
+  init_fn = functools.partial(task.init_state)
+  abstract = sharding_lib.abstract_sharded(init_fn, mesh, rules, jax.random.key(config.seed))
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, abstract, task.batches)
+    step = latest
+    log.info('%s: resumed from step %d in %s', task.name, step, workdir)
+  else:
+    state, _ = sharding_lib.create_sharded(init_fn, mesh, rules, jax.random.key(config.seed))
+    if task.initial_state is not None:
+      state = task.initial_state(state)
+    step = 0
+
+  repl = sharding_lib.replicated(mesh)
+  with sharding_lib.activate(mesh, rules):
+    step_fn = jax.jit(task.train_step, in_shardings=(shardings, task.batch_shardings, repl),
+                      out_shardings=(shardings, repl), donate_argnums=0)
+
+  writer = MetricsWriter(workdir)
+  preempt = Preemption()
+  history: list[dict] = []
+  pending: list[tuple[int, dict]] = []
+  bar = tqdm.tqdm(total=t.num_steps, initial=step, desc=task.name, unit='step',
+                  disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  window_start, window_steps = time.perf_counter(), 0
+  num_devices = mesh.devices.size
+
+  def flush():
+    """Fetch queued metrics (one host sync per log interval), check, average, write."""
+    nonlocal window_start, window_steps
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+      bad = [k.split('/', 1)[1] for k, v in m.items() if k.startswith('finite/') and not v]
+      if bad:
+        raise NonFiniteError(f'{task.name}: non-finite {", ".join(bad)} at step {s}; the update '
+                             f'was skipped and nothing non-finite was saved (last checkpoint: '
+                             f'{ckpt.latest_step()})')
+    elapsed = time.perf_counter() - window_start
+    row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
+           if not k.startswith('finite/')}
+    row['steps_per_sec'] = window_steps / elapsed
+    if task.tokens_per_step:
+      row['tokens_per_sec'] = task.tokens_per_step * window_steps / elapsed
+    if task.flops_per_step:
+      row['mfu'] = task.flops_per_step * window_steps / elapsed / (t.peak_flops * num_devices)
+    last = pending[-1][0]
+    writer.write(last, row)
+    history.append({'step': last, **row})
+    bar.set_postfix({k: f'{row[k]:.4g}' for k in list(row)[:3]})
+    pending.clear()
+    window_start, window_steps = time.perf_counter(), 0
+
+  try:
+    while step < t.num_steps and not preempt.requested:
+      batch = next(task.batches) if task.batches is not None else None
+      state, metrics = step_fn(state, batch, jnp.int32(step))
+      step += 1
+      window_steps += 1
+      pending.append((step, metrics))
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.num_steps:
+        flush()
+      if task.evaluate is not None and (step % t.eval_every == 0 or step == t.num_steps):
+        flush()
+        ev = task.evaluate(state, step)
+        writer.write(step, ev)
+        history.append({'step': step, **ev})
+        window_start = time.perf_counter()  # evaluation time is not training throughput
+      if step % t.ckpt_every == 0 or step == t.num_steps or preempt.requested:
+        flush()  # never save a state whose step reported non-finite values
+        ckpt.save(step, state, config, task.batches, extra={'task': task.name}, force=True)
+        window_start = time.perf_counter()  # the save's blocking part is not step time
+    flush()
+  finally:
+    bar.close()
+    ckpt.close()  # waits for pending async saves
+    writer.close()
+    preempt.restore()
+  return RunResult(step=step, state=state, history=history, preempted=preempt.requested)
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT) -> tuple[jax.Array, jax.Array]:
+  """(mean NLL over mask, number of tokens)."""
+  logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
+  count = jnp.sum(mask_BxT)
+  return jnp.sum(nll * mask_BxT) / jnp.maximum(count, 1.0), count
+
+
+def decoder_flops_per_token(cfg, training: bool) -> float:
+  """Matmul FLOPs per target token, PaLM/MaxText-style (non-causal attention count)."""
+  seq = cfg.prompt_len + cfg.seq_len
+  dense = cfg.num_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.mlp_dim)
+  dense += cfg.vocab_size * cfg.d_model  # output head
+  attn = 2 * cfg.num_layers * seq * cfg.d_model  # QK^T and AV, per token
+  fwd = 2 * dense + 2 * attn
+  return 3 * fwd if training else fwd
+

@@ -1,0 +1,245 @@
+"""What a dataset's tokens and prompts mean; the one entry point to load one.
+
+Every dataset stores the same metadata (`metadata_dict`) in its TFDS
+`info.metadata` (metadata.json next to the records), so code downstream reads
+vocabularies from `DatasetMeta` and never from a particular builder.
+
+Prompt layout: C attribute tokens flattened into one prompt vocabulary,
+attribute i value v -> attribute_offsets[i] + v, so ids lie in
+[0, prompt_vocab_size). An imported dataset may instead share one prompt
+vocabulary across all C positions (e.g. text tokens): then every offset is 0
+and prompt_vocab_size is that vocabulary's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from diverse_cfg import specials
+
+FORMAT_VERSION = 1
+SPLITS = ('train', 'validation', 'test')
+SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
+SPLIT_RULE = ('u = first 8 bytes of sha256(split key) as a big-endian '
+              'integer / 2**64; train if u < 0.90, validation if u < 0.95, '
+              'else test')
+
+
+def hash_split(key: bytes, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
+  """Stable split of an example from bytes that identify it (see SPLIT_RULE)."""
+  u = int.from_bytes(hashlib.sha256(key).digest()[:8], 'big') / 2.0**64
+  edge = 0.0
+  for split, f in zip(SPLITS, fractions):
+    edge += f
+    if u < edge:
+      return split
+  return SPLITS[-1]
+
+
+def metadata_dict(*, name: str, vocab_size: int, seq_len: int,
+                  attribute_names: Sequence[str],
+                  attribute_sizes: Sequence[int],
+                  attribute_values=None, shared_prompt_vocab: bool = False,
+                  is_melody: bool, split_sizes: Mapping[str, int],
+                  split_rule: str = SPLIT_RULE, extra=None) -> dict[str, Any]:
+  """The JSON metadata every builder writes (the schema DatasetMeta reads)."""
+  sizes = [int(s) for s in attribute_sizes]
+  if shared_prompt_vocab:
+    offsets = [0] * len(sizes)
+    prompt_vocab_size = max(sizes)
+  else:
+    offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]
+    prompt_vocab_size = int(sum(sizes))
+  md = {
+      'format_version': FORMAT_VERSION,
+      'name': name,
+      'vocab_size': int(vocab_size),
+      'num_special': specials.NUM_SPECIAL,
+      'special_ids': {'pad': specials.PAD, 'bos': specials.BOS,
+                      'eos': specials.EOS},
+      'seq_len': int(seq_len),
+      'prompt_len': len(sizes),
+      'prompt_vocab_size': prompt_vocab_size,
+      'attribute_names': list(attribute_names),
+      'attribute_sizes': sizes,
+      'attribute_offsets': offsets,
+      # None per attribute = generic value names '0', '1', ...
+      'attribute_values': (list(attribute_values) if attribute_values
+                           else [None] * len(sizes)),
+      'shared_prompt_vocab': bool(shared_prompt_vocab),
+      'is_melody': bool(is_melody),
+      'split_rule': split_rule,
+      'split_sizes': {s: int(n) for s, n in split_sizes.items()},
+  }
+  md.update(extra or {})
+  return md
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+  """Vocabularies and sizes of one built dataset.
+
+  vocab_size counts the specials (PAD=0, BOS=1, EOS=2): event ids are in
+  [NUM_SPECIAL, vocab_size). seq_len is the stored row length, EOS included.
+  """
+  name: str
+  vocab_size: int
+  seq_len: int
+  prompt_len: int
+  prompt_vocab_size: int
+  attribute_names: tuple[str, ...]
+  attribute_sizes: tuple[int, ...]
+  attribute_offsets: tuple[int, ...]
+  attribute_values: tuple[tuple[str, ...] | None, ...]
+  is_melody: bool
+  # Mappings stay out of the hash, so a DatasetMeta can be a static argument.
+  split_sizes: Mapping[str, int] = dataclasses.field(hash=False)
+  metadata: Mapping[str, Any] = dataclasses.field(
+      default_factory=dict, repr=False, compare=False, hash=False)
+
+  @classmethod
+  def from_metadata(cls, md: Mapping[str, Any],
+                    split_sizes: Mapping[str, int] | None = None
+                    ) -> DatasetMeta:
+    if md.get('format_version') != FORMAT_VERSION:
+      raise ValueError(f'metadata format {md.get("format_version")} != '
+                       f'{FORMAT_VERSION}; rebuild the dataset')
+    sizes = dict(md['split_sizes'])
+    sizes.update(split_sizes or {})
+    return cls(
+        name=md['name'],
+        vocab_size=int(md['vocab_size']),
+        seq_len=int(md['seq_len']),
+        prompt_len=int(md['prompt_len']),
+        prompt_vocab_size=int(md['prompt_vocab_size']),
+        attribute_names=tuple(md['attribute_names']),
+        attribute_sizes=tuple(int(s) for s in md['attribute_sizes']),
+        attribute_offsets=tuple(int(o) for o in md['attribute_offsets']),
+        attribute_values=tuple(None if v is None else tuple(v)
+                               for v in md['attribute_values']),
+        is_melody=bool(md['is_melody']),
+        split_sizes={s: int(sizes.get(s, 0)) for s in SPLITS},
+        metadata=dict(md),
+    )
+
+  @classmethod
+  def from_builder(cls, builder) -> DatasetMeta:
+    return cls.from_metadata(
+        builder.info.metadata,
+        {s: int(info.num_examples) for s, info in builder.info.splits.items()})
+
+  def value_names(self, attribute: int | str) -> tuple[str, ...]:
+    i = self._index(attribute)
+    names = self.attribute_values[i]
+    return names if names is not None else tuple(
+        str(v) for v in range(self.attribute_sizes[i]))
+
+  def _index(self, attribute: int | str) -> int:
+    if isinstance(attribute, str):
+      if attribute not in self.attribute_names:
+        raise ValueError(f'unknown attribute {attribute!r}; attributes are '
+                         f'{list(self.attribute_names)}')
+      return self.attribute_names.index(attribute)
+    return int(attribute)
+
+  def encode_prompt(self, values: Mapping[str, Any]) -> np.ndarray:
+    """int32 [C] prompt ids from {attribute name: value name (or index)}."""
+    unknown = sorted(set(values) - set(self.attribute_names))
+    missing = [n for n in self.attribute_names if n not in values]
+    if unknown or missing:
+      raise ValueError(f'prompt needs exactly the attributes '
+                       f'{list(self.attribute_names)}; unknown {unknown}, '
+                       f'missing {missing}')
+    out = np.zeros((self.prompt_len,), np.int32)
+    for i, name in enumerate(self.attribute_names):
+      out[i] = self.attribute_offsets[i] + self._value_index(i, values[name])
+    return out
+
+  def _value_index(self, i: int, value) -> int:
+    name = self.attribute_names[i]
+    names = self.attribute_values[i]
+    if names is not None and str(value) in names:
+      return names.index(str(value))
+    if names is None:
+      try:
+        v = int(value)
+      except (TypeError, ValueError):
+        v = -1
+      if 0 <= v < self.attribute_sizes[i]:
+        return v
+      raise ValueError(f'unknown value {value!r} for attribute {name!r}; valid '
+                       f'values are integers 0..{self.attribute_sizes[i] - 1}')
+    raise ValueError(f'unknown value {value!r} for attribute {name!r}; valid '
+                     f'values are {list(names)}')
+
+  def decode_prompt(self, ids) -> dict[str, str]:
+    labels = self.attribute_labels(np.asarray(ids).reshape(1, -1))[0]
+    return {name: self.value_names(i)[labels[i]]
+            for i, name in enumerate(self.attribute_names)}
+
+  def attribute_labels(self, prompt_NxC) -> np.ndarray:
+    """Per-attribute class indices int32 [N, C] (prompt ids minus offsets)."""
+    prompt_NxC = np.asarray(prompt_NxC)
+    offsets_C = np.asarray(self.attribute_offsets, prompt_NxC.dtype)
+    labels_NxC = prompt_NxC - offsets_C
+    bad = (labels_NxC < 0) | (labels_NxC >= np.asarray(self.attribute_sizes))
+    if bad.any():
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f'prompt id {prompt_NxC[idx]} at index {idx} is outside '
+                       f'attribute {self.attribute_names[idx[-1]]!r}')
+    return labels_NxC.astype(np.int32)
+
+
+def default_data_dir() -> str:
+  return os.environ.get('DIVERSE_CFG_DATA_DIR',
+                        os.path.expanduser('~/tensorflow_datasets'))
+
+
+def load_dataset(name: str, data_dir: str | None = None, **options):
+  """(dict split -> random-access data source, DatasetMeta); builds if needed.
+
+  name:
+    'essen_folk'  options: seq_len, files, max_files, max_tunes, num_workers
+                  (essen.make_builder); the first call parses, later ones read.
+    'imported'    options: npz_path (required), dataset_name (default: the npz
+                  file's stem) and import_npz's keywords; imports only when
+                  that dataset is not in data_dir yet.
+    other         the name of a dataset imported earlier into data_dir.
+  Splits that came out empty (tiny subsets) are absent from the dict.
+  """
+  # Imported lazily: the builders import this module for the schema.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from diverse_cfg.data import essen  # pylint: disable=g-import-not-at-top
+  from diverse_cfg.data import imported  # pylint: disable=g-import-not-at-top
+  data_dir = data_dir or default_data_dir()
+  if name == essen.DATASET_NAME:
+    builder = essen.make_builder(data_dir, **options)
+    essen.prepare(builder)
+  elif name == 'imported':
+    options = dict(options)
+    if 'npz_path' not in options:
+      raise ValueError("load_dataset('imported', ...) needs npz_path=")
+    npz_path = options.pop('npz_path')
+    dataset_name = options.pop('dataset_name', None) or imported.name_from_path(
+        npz_path)
+    if not os.path.isdir(imported.dataset_dir(data_dir, dataset_name)):
+      imported.import_npz(npz_path, dataset_name, data_dir, **options)
+    builder = tfds.builder_from_directory(
+        imported.dataset_dir(data_dir, dataset_name))
+  else:
+    if options:
+      raise ValueError(f'options {sorted(options)} only apply to essen_folk or '
+                       f'imported, not to the imported dataset {name!r}')
+    path = imported.dataset_dir(data_dir, name)
+    if not os.path.isdir(path):
+      raise ValueError(
+          f'no dataset {name!r} in {data_dir}: use "essen_folk", "imported" '
+          f'with npz_path=, or one of the imported datasets '
+          f'{imported.list_imported(data_dir)}')
+    builder = tfds.builder_from_directory(path)
+  return dict(builder.as_data_source()), DatasetMeta.from_builder(builder)

@@ -22,8 +22,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+# The whole pipeline on the Essen folk melodies, CPU preset; finished stages are reused.
+DEMO_DIR ?= workdir_demo
 demo: $(STAMP)
-	$(PY) -m diverse_cfg.demo --workdir=workdir_demo
+	$(PY) -m diverse_cfg.main --stage=all --config=configs/essen.py:cpu \
+	  --workdir=$(DEMO_DIR) --config.data.data_dir=$(DEMO_DIR)/data
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -9,6 +9,8 @@ Launch:
   python -m diverse_cfg.main --stage=pretrain --config=configs/essen.py:cpu --workdir=/tmp/essen
   python -m diverse_cfg.main --stage=pretrain --config=configs/essen.py:smoke --workdir=/tmp/smoke \
       --config.train.num_steps=20
+  python -m diverse_cfg.main --stage=embedder --config=configs/essen.py:cpu --workdir=/tmp/essen
+  python -m diverse_cfg.main --stage=classifier --config=configs/essen.py:cpu --workdir=/tmp/essen
 """
 
 from diverse_cfg import config_lib
@@ -35,12 +37,12 @@ def get_config(arg: str = 'cpu'):
   elif preset == 'cpu':
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 4, 128, 4, 384
     c.train.batch_size = 32
-    c.train.num_steps = 2000
+    c.train.num_steps = 800  # ~10 min on 2 cores (1.1-1.5 steps/s)
     c.train.lr = 2e-3
-    c.train.warmup_steps = 100
-    c.train.eval_every = 250
+    c.train.warmup_steps = 50
+    c.train.eval_every = 200
     c.train.eval_batches = 0
-    c.train.ckpt_every = 250
+    c.train.ckpt_every = 200
   elif preset == 'pod':
     # ~300M params; a v5e-64 / 8x8 GPU layout: 8-way data, 4-way fsdp, 2-way tensor.
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 24, 1024, 16, 4096
@@ -57,4 +59,30 @@ def get_config(arg: str = 'cpu'):
     c.train.peak_flops = 197e12  # TPU v5e bf16 per chip
   else:
     raise ValueError(f'unknown preset {preset!r} for configs/essen.py; use smoke, cpu or pod')
+  _evaluator_presets(c, preset)
   return c
+
+
+def _evaluator_presets(c, preset: str) -> None:
+  """The embedder and classifier stages (--stage=embedder / --stage=classifier)."""
+  em, cl = c.embedder, c.classifier
+  if preset == 'smoke':  # seconds
+    for s in (em, cl):
+      s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 1, 32, 2, 64
+      s.batch_size, s.num_steps, s.warmup_steps, s.lr = 16, 30, 3, 3e-3
+      s.log_every, s.eval_every, s.eval_batches, s.ckpt_every = 5, 15, 2, 15
+    em.emb_dim, em.chunk_len = 32, 16
+  elif preset == 'cpu':  # a few minutes each on 2 CPU cores
+    for s in (em, cl):
+      s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 2, 64, 4, 192
+      s.lr, s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches = 2e-3, 50, 200, 200, 0
+    em.batch_size, em.num_steps, em.emb_dim, em.chunk_len = 64, 800, 64, 32
+    cl.batch_size, cl.num_steps = 32, 800
+  elif preset == 'pod':
+    for s in (em, cl):
+      s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 6, 512, 8, 2048
+      s.dtype = 'bfloat16'
+      s.lr, s.warmup_steps, s.eval_every, s.ckpt_every = 5e-4, 500, 1000, 1000
+      s.peak_flops = 197e12
+    em.batch_size, em.num_steps, em.emb_dim, em.chunk_len = 1024, 10_000, 256, 48
+    cl.batch_size, cl.num_steps = 512, 10_000

@@ -7,17 +7,62 @@ abstract tree of ShapeDtypeStructs carrying the *current* mesh's shardings.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
 
+log = logging.getLogger('diverse_cfg')
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+  """The checkpoint is intact but holds a different architecture: no fallback helps."""
+
+
+def _path_str(path) -> str:
+  """'a/b/0/mu': the same for a NamedTuple field and the dict key Orbax saves it as."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def check_shapes(item_dir: str, abstract: Any, what: str) -> None:
+  """Compares a saved pytree's shapes/structure with the target before reading any array."""
+  try:
+    saved = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+  except Exception as e:
+    raise CheckpointError(f'cannot read the metadata of {item_dir}: {type(e).__name__}: {e}') from e
+  saved_leaves = {_path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  want_leaves = {_path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  if not saved_leaves:
+    raise CheckpointError(f'{what} in {item_dir} has no readable array metadata (truncated?)')
+  missing = sorted(set(want_leaves) - set(saved_leaves))
+  extra = sorted(set(saved_leaves) - set(want_leaves))
+  if missing or extra:
+    raise IncompatibleCheckpoint(
+        f'{what} in {item_dir} does not match the configured model: missing {missing[:5]}, '
+        f'unexpected {extra[:5]} (was it trained with another config?)')
+  for k, want in want_leaves.items():
+    have = tuple(saved_leaves[k].shape)
+    if have != tuple(want.shape):
+      raise IncompatibleCheckpoint(
+          f'{what} {k} in {item_dir} has shape {have} but the configured model needs '
+          f'{tuple(want.shape)} (was it trained with another config?)')
 
 
 def _manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -47,6 +92,8 @@ class Checkpointer:
     return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: dict[str, Any], data_iter=None) -> dict[str, Any]:
+    for name, value in abstract_state.items():
+      check_shapes(os.path.join(self.directory, str(step), name), value, name)
     items = {name: ocp.args.StandardRestore(value) for name, value in abstract_state.items()}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -56,6 +103,29 @@ class Checkpointer:
       raise CheckpointError(f'cannot restore step {step} from {self.directory}: '
                             f'{type(e).__name__}: {e}') from e
     return {name: restored[name] for name in abstract_state}
+
+  def restore_latest(self, abstract_state: dict[str, Any], data_iter=None):
+    """(step, state) of the newest readable checkpoint, or (None, None) if there is none.
+
+    A step that cannot be read (truncated, corrupt) is moved aside to
+    `<step>.unreadable-<time>` (kept for inspection, never deleted) and the
+    previous step is tried, with a warning. A checkpoint of another
+    architecture is an error at once: older steps would not fit either.
+    """
+    for step in sorted(self.mngr.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, data_iter)
+      except IncompatibleCheckpoint:
+        raise
+      except CheckpointError as e:
+        aside = os.path.join(self.directory, f'{step}.unreadable-{int(time.time())}')
+        if jax.process_index() == 0:
+          os.rename(os.path.join(self.directory, str(step)), aside)
+        multihost_utils.sync_global_devices(f'checkpoint_fallback_{step}')
+        log.warning('checkpoint step %d is unreadable, moved to %s; trying the previous one. '
+                    'Cause: %s', step, aside, e)
+        self.mngr.reload()
+    return None, None
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()

@@ -82,12 +82,87 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep = 3
   t.peak_flops = 150e9  # per device, for MFU (measured 2048^2 f32 matmul here)
 
+  c.finetune = f = ml_collections.ConfigDict()  # CFG distillation + diversity reward
+  f.betas = (0.0, 8.0)  # one student per beta: beta = 0 (quality) and beta > 0 (diversity)
+  f.teacher_gamma = 3.0  # the frozen base model with CFG at this strength is the teacher
+  f.kl = 'student_teacher'  # KL(student || teacher) (paper) | 'teacher_student'
+  f.k = 4  # on-policy samples per prompt (>= 2; k = 2 uses other prompts as baseline)
+  f.temperature = 1.0  # student sampling temperature during finetuning (1 = on-policy)
+  f.eval_prompts = 32  # held-out prompts for the periodic quality/diversity evaluation
+  f.eval_k = 4
+  f.batch_size = 8  # prompts per step (P); the step samples P * k sequences
+  f.num_steps = 300
+  f.lr = 1e-4
+  f.warmup_steps = 10
+  f.min_lr_ratio = 1.0  # constant after warmup
+  f.weight_decay = 0.0
+  f.b1 = 0.9
+  f.b2 = 0.99
+  f.grad_clip = 1.0
+  f.log_every = 10
+  f.eval_every = 100
+  f.eval_batches = 0  # unused (evaluation uses eval_prompts)
+  f.ckpt_every = 100
+  f.keep = 2
+  f.peak_flops = 150e9
+
+  c.evaluate = e = ml_collections.ConfigDict()  # the quality/diversity comparison
+  e.gammas = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)  # CFG sweep on the base model
+  e.lambdas = (0.0, 0.25, 0.5, 0.75, 1.0)  # LERP merges of the beta-min and beta-max students
+  e.num_prompts = 64  # held-out (test split) prompts
+  e.k = 4  # generations per prompt
+  e.temperature = 1.0
+  e.render_prompts = 3  # prompts whose samples get MIDI / WAV / piano rolls in the report
+  e.ngram = 4  # n for the model-free shared n-gram diversity measure
+
+  # The frozen evaluators, trained on real data only (diverse_cfg/evaluators/).
+  c.embedder = em = _evaluator_section()  # contrastive embedder: the diversity reward
+  em.emb_dim = 64  # output (unit vector) size
+  em.chunk_len = 32  # events per contrastive chunk (less when a piece is shorter than 2x this)
+  em.temperature = 0.1  # InfoNCE temperature (the initial one if learned)
+  em.learn_temperature = True
+
+  c.classifier = cl = _evaluator_section()  # prompt-adherence classifier: the quality score
+  # Filled from the dataset (leave empty): classes per attribute, the attributes'
+  # prompt-id offsets and names. Stored in the checkpoint's config so that the
+  # classifier loads without the dataset.
+  cl.num_classes = ()
+  cl.prompt_offsets = ()
+  cl.attribute_names = ()
+
   c.sampling = s = ml_collections.ConfigDict()
   s.gamma = 3.0  # CFG strength; 1 = no guidance
   s.temperature = 1.0
   s.top_k = 0  # 0 = full distribution
   return c
 
+
+
+def _evaluator_section() -> ml_collections.ConfigDict:
+  """Encoder sizes + the same training fields as `train` (one optimiser per evaluator)."""
+  s = ml_collections.ConfigDict()
+  s.num_layers = 2
+  s.d_model = 64
+  s.num_heads = 4
+  s.mlp_dim = 256
+  s.dtype = 'float32'
+  s.rope_base = 10_000.0
+  s.batch_size = 64  # global
+  s.num_steps = 1000
+  s.lr = 1e-3
+  s.warmup_steps = 50
+  s.min_lr_ratio = 0.1
+  s.weight_decay = 0.05
+  s.b1 = 0.9
+  s.b2 = 0.98
+  s.grad_clip = 1.0
+  s.log_every = 20
+  s.eval_every = 250
+  s.eval_batches = 0  # validation rows = eval_batches * batch_size; 0 = whole split
+  s.ckpt_every = 250
+  s.keep = 2
+  s.peak_flops = 150e9
+  return s
 
 _DTYPES = ('float32', 'bfloat16')
 _REMAT = ('none', 'full', 'dots')
@@ -140,6 +215,66 @@ def validate_train(t: ml_collections.ConfigDict, section: str = 'train') -> None
   _require(t.eval_batches >= 0, f'{section}.eval_batches', 'must be >= 0', t.eval_batches)
 
 
+def validate_finetune(f: ml_collections.ConfigDict) -> None:
+  validate_train(f, 'finetune')
+  betas = tuple(f.betas)
+  _require(len(betas) >= 1 and all(b >= 0 for b in betas), 'finetune.betas',
+           'must be a non-empty tuple of values >= 0', betas)
+  _require(f.teacher_gamma >= 0, 'finetune.teacher_gamma', 'CFG strength must be >= 0',
+           f.teacher_gamma)
+  _require(f.kl in ('student_teacher', 'teacher_student'), 'finetune.kl',
+           "must be 'student_teacher' (KL(student||teacher), the paper's) or 'teacher_student'",
+           f.kl)
+  _require(f.k >= 2, 'finetune.k', 'the diversity reward needs >= 2 samples per prompt', f.k)
+  _require(f.k >= 3 or f.batch_size >= 2, 'finetune.batch_size',
+           'k = 2 needs >= 2 prompts per step (their pairs form the baseline)', f.batch_size)
+  _require(f.temperature > 0, 'finetune.temperature', 'must be > 0', f.temperature)
+  _require(f.eval_prompts > 0 and f.eval_k >= 2, 'finetune.eval_k',
+           'evaluation needs eval_prompts > 0 and eval_k >= 2', (f.eval_prompts, f.eval_k))
+
+
+def validate_evaluate(e: ml_collections.ConfigDict) -> None:
+  _require(all(g >= 0 for g in e.gammas), 'evaluate.gammas', 'CFG strengths must be >= 0',
+           tuple(e.gammas))
+  _require(all(0 <= l <= 1 for l in e.lambdas), 'evaluate.lambdas', 'must lie in [0, 1]',
+           tuple(e.lambdas))
+  _require(e.num_prompts > 0, 'evaluate.num_prompts', 'must be positive', e.num_prompts)
+  _require(e.k >= 2, 'evaluate.k', 'diversity needs >= 2 generations per prompt', e.k)
+  _require(e.temperature > 0, 'evaluate.temperature', 'must be > 0', e.temperature)
+  _require(e.ngram >= 1, 'evaluate.ngram', 'must be >= 1', e.ngram)
+
+
+
+def _validate_encoder(s: ml_collections.ConfigDict, section: str) -> None:
+  validate_train(s, section)
+  for f in ('num_layers', 'd_model', 'num_heads', 'mlp_dim'):
+    _require(s[f] > 0, f'{section}.{f}', 'must be positive', s[f])
+  _require(s.d_model % s.num_heads == 0, f'{section}.num_heads',
+           f'must divide config.{section}.d_model={s.d_model}', s.num_heads)
+  _require((s.d_model // s.num_heads) % 2 == 0, f'{section}.num_heads',
+           'head dim d_model/num_heads must be even for rotary positions', s.num_heads)
+  _require(s.dtype in _DTYPES, f'{section}.dtype', f'must be one of {_DTYPES}', s.dtype)
+
+
+def validate_embedder(e: ml_collections.ConfigDict) -> None:
+  _validate_encoder(e, 'embedder')
+  _require(e.emb_dim > 0, 'embedder.emb_dim', 'must be positive', e.emb_dim)
+  _require(e.chunk_len >= 1, 'embedder.chunk_len', 'must be >= 1', e.chunk_len)
+  _require(e.temperature > 0, 'embedder.temperature', 'must be > 0', e.temperature)
+  _require(e.batch_size >= 2, 'embedder.batch_size', 'contrastive training needs >= 2 pieces '
+           'per batch (the others are the negatives)', e.batch_size)
+
+
+def validate_classifier(c: ml_collections.ConfigDict) -> None:
+  _validate_encoder(c, 'classifier')
+  n = len(c.num_classes)
+  _require(all(k >= 1 for k in c.num_classes), 'classifier.num_classes',
+           'must be >= 1 per attribute (leave empty: taken from the dataset)', tuple(c.num_classes))
+  _require(len(c.prompt_offsets) == n and len(c.attribute_names) in (0, n),
+           'classifier.prompt_offsets', f'needs one entry per attribute ({n}); leave '
+           'num_classes, prompt_offsets and attribute_names empty to take them from the dataset',
+           tuple(c.prompt_offsets))
+
 def validate_batch(batch_size: int, field: str, mesh_cfg, num_devices: int) -> None:
   shards = 1
   for a in ('data', 'fsdp'):
@@ -186,6 +321,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,
   validate_model(cfg.model, sizes_known=sizes_known)
   validate_sampling(cfg.sampling)
   validate_train(cfg.train)
+  validate_finetune(cfg.finetune)
+  validate_evaluate(cfg.evaluate)
+  validate_embedder(cfg.embedder)
+  validate_classifier(cfg.classifier)
   if num_devices is not None:
     validate_mesh(cfg.mesh, num_devices)
     validate_batch(cfg.train.batch_size, 'train.batch_size', cfg.mesh, num_devices)
+    validate_batch(cfg.embedder.batch_size, 'embedder.batch_size', cfg.mesh, num_devices)
+    validate_batch(cfg.classifier.batch_size, 'classifier.batch_size', cfg.mesh, num_devices)
+    validate_batch(cfg.finetune.batch_size, 'finetune.batch_size', cfg.mesh, num_devices)
+    validate_batch(cfg.finetune.eval_prompts * cfg.finetune.eval_k, 'finetune.eval_prompts',
+                   cfg.mesh, num_devices)
+    validate_batch(cfg.evaluate.num_prompts * cfg.evaluate.k, 'evaluate.num_prompts', cfg.mesh,
+                   num_devices)

@@ -5,12 +5,23 @@
 
 Each stage writes under its own subdirectory of --workdir (e.g. DIR/pretrain)
 and resumes from it automatically when started again.
+
+Sampling from any checkpoint (diverse_cfg/sample.py; no --config, the checkpoint has it):
+
+    python -m diverse_cfg.main --stage=sample --checkpoint=/tmp/run/pretrain --gamma=3 \
+        --prompt=region=germany,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
+
+Several processes (diverse_cfg/distributed.py; launch/ has scripts for a TPU
+pod, a SLURM GPU cluster and local CPU processes): every process runs the same
+command plus --distributed=auto (TPU pod, SLURM: JAX reads the environment) or
+--distributed=explicit --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from absl import app
 from absl import flags
@@ -18,20 +29,92 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diverse_cfg import config_lib
+from diverse_cfg import distributed
 
-STAGES = ('pretrain',)
+log = logging.getLogger('diverse_cfg')
+
+PIPELINE = ('pretrain', 'embedder', 'classifier', 'finetune', 'merge', 'evaluate')
+STAGES = PIPELINE + ('all', 'sample')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (checkpoints, metrics, reports).')
 _STAGE = flags.DEFINE_enum('stage', 'pretrain', STAGES, 'Which stage to run.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+# Multi-process launch; unset flags fall back to the DIVERSE_CFG_* environment variables.
+_DISTRIBUTED = flags.DEFINE_enum('distributed', None, distributed.MODES,
+                                 'none: one process; auto: JAX detects a TPU pod / SLURM job; '
+                                 'explicit: --coordinator_address, --num_processes, --process_id.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+_DIST_TIMEOUT = flags.DEFINE_integer('distributed_timeout_s', None,
+                                     'Seconds for all processes to join (default 300).')
+_CLUSTER = flags.DEFINE_string('cluster_detection_method', None,
+                               "auto only: force JAX's detector (slurm, gcetpu, ...).")
+
+# --stage=sample (diverse_cfg/sample.py).
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'sample: a stage dir (DIR/pretrain, DIR/students/beta_0, DIR/merged/lambda_0.5).')
+_MERGE_WITH = flags.DEFINE_string('merge_with', None, 'sample: a second checkpoint to LERP with.')
+_MERGE_LAMBDA = flags.DEFINE_float('merge_lambda', 0.5, 'sample: (1-l) checkpoint + l merge_with.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'sample: attribute=value,... (repeatable).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 4, 'sample: samples per prompt.')
+_GAMMA = flags.DEFINE_float('gamma', 1.0, 'sample: CFG strength; 1 = no CFG (one pass per token).')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: sampling temperature.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens; 0 = all.')
+_SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+_OUT_DIR = flags.DEFINE_string('out_dir', None, 'sample: output dir (default: CHECKPOINT/samples).')
+_MESH = flags.DEFINE_string('mesh', None, 'sample: DATA,FSDP,TENSOR (default: the checkpoint\'s '
+                            'mesh if it fits the devices, else all devices on fsdp).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'sample: the dataset dir, if it moved.')
 
 
 def run_stage(stage: str, config, workdir: str):
   if stage == 'pretrain':
     from diverse_cfg import pretrain  # pylint: disable=g-import-not-at-top
     return pretrain.run(config, os.path.join(workdir, 'pretrain'))
+  if stage == 'embedder':  # the frozen evaluators; they read real data only
+    from diverse_cfg.evaluators import embedder  # pylint: disable=g-import-not-at-top
+    return embedder.run(config, os.path.join(workdir, 'embedder'))
+  if stage == 'classifier':
+    from diverse_cfg.evaluators import classifier  # pylint: disable=g-import-not-at-top
+    return classifier.run(config, os.path.join(workdir, 'classifier'))
+  if stage in ('finetune', 'evaluate'):
+    from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
+    embedder = evaluators.load_embedder(os.path.join(workdir, 'embedder'))
+    quality_model = evaluators.load_quality_model(os.path.join(workdir, 'classifier'))
+    if stage == 'finetune':
+      from diverse_cfg import finetune  # pylint: disable=g-import-not-at-top
+      return finetune.run(config, workdir, embedder, quality_model)
+    from diverse_cfg import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.run(config, workdir, embedder, quality_model)
+  if stage == 'merge':
+    from diverse_cfg import merge  # pylint: disable=g-import-not-at-top
+    return merge.run(config, workdir)
+  if stage == 'all':  # the whole pipeline; finished stages are reused
+    for s in PIPELINE:
+      start = time.perf_counter()
+      run_stage(s, config, workdir)
+      log.info('stage %s done in %.1f s', s, time.perf_counter() - start)
+    return None
   raise ValueError(f'unknown stage {stage!r}; choose from {STAGES}')
+
+
+def sample_stage():
+  from diverse_cfg import sample  # pylint: disable=g-import-not-at-top
+  if not _CHECKPOINT.value:
+    raise app.UsageError('--stage=sample needs --checkpoint=DIR (e.g. DIR/students/beta_0)')
+  if _CONFIG.value is not None:
+    log.warning('--stage=sample takes the model config from the checkpoint; --config is unused')
+  try:
+    return sample.run(_CHECKPOINT.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
+                      gamma=_GAMMA.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                      seed=_SEED.value, out_dir=_OUT_DIR.value, merge_with=_MERGE_WITH.value,
+                      merge_lambda=_MERGE_LAMBDA.value, mesh=_MESH.value,
+                      data_dir=_DATA_DIR.value, workdir=_WORKDIR.value)
+  except sample.SampleArgumentError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def main(argv):
@@ -39,8 +122,20 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/grain chatter off
   logging.getLogger('diverse_cfg').setLevel(logging.INFO)
+  if _STAGE.value != 'sample' and (_CONFIG.value is None or _WORKDIR.value is None):
+    raise app.UsageError(f'--stage={_STAGE.value} needs --config=FILE[:preset] and --workdir=DIR')
   try:
-    run_stage(_STAGE.value, _CONFIG.value, _WORKDIR.value)
+    # Before anything touches a JAX backend: the runtime must know its peers first.
+    distributed.initialize(distributed.resolve(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        _DIST_TIMEOUT.value, _CLUSTER.value))
+  except distributed.DistributedConfigError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    if _STAGE.value == 'sample':
+      sample_stage()
+    else:
+      run_stage(_STAGE.value, _CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from e
 

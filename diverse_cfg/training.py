@@ -118,7 +118,7 @@ class Task:
   name: str
   # key -> boxed state {'params', 'opt_state'} (logical names drive the shardings).
   init_state: Callable[[jax.Array], dict]
-  # (state, batch, step) -> (state, metrics); metrics are scalars.
+  # (state, batch, step[, frozen]) -> (state, metrics); metrics are scalars.
   train_step: Callable[..., tuple[dict, dict]]
   batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
   batch_shardings: Any = None
@@ -127,6 +127,10 @@ class Task:
   flops_per_step: float = 0.0
   # Replaces the random init on a fresh run (e.g. a student starting from the base model).
   initial_state: Callable[[dict], dict] | None = None
+  # Frozen arrays the step reads (teacher, embedder): passed as a 4th jit argument, sharded,
+  # rather than closed over (which would bake them into the program as constants).
+  frozen: Any = None
+  frozen_shardings: Any = None
 
 
 @dataclasses.dataclass
@@ -145,10 +149,8 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
   init_fn = functools.partial(task.init_state)
   abstract = sharding_lib.abstract_sharded(init_fn, mesh, rules, jax.random.key(config.seed))
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, abstract, task.batches)
-    step = latest
+  step, state = ckpt.restore_latest(abstract, task.batches)
+  if step is not None:
     log.info('%s: resumed from step %d in %s', task.name, step, workdir)
   else:
     state, _ = sharding_lib.create_sharded(init_fn, mesh, rules, jax.random.key(config.seed))
@@ -158,8 +160,12 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
 
   repl = sharding_lib.replicated(mesh)
   with sharding_lib.activate(mesh, rules):
-    step_fn = jax.jit(task.train_step, in_shardings=(shardings, task.batch_shardings, repl),
-                      out_shardings=(shardings, repl), donate_argnums=0)
+    in_shardings = (shardings, task.batch_shardings, repl)
+    if task.frozen is not None:
+      in_shardings += (task.frozen_shardings,)
+    step_fn = jax.jit(task.train_step, in_shardings=in_shardings, out_shardings=(shardings, repl),
+                      donate_argnums=0)
+    frozen_args = () if task.frozen is None else (task.frozen,)
 
   writer = MetricsWriter(workdir)
   preempt = Preemption()
@@ -200,7 +206,7 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
   try:
     while step < t.num_steps and not preempt.requested:
       batch = next(task.batches) if task.batches is not None else None
-      state, metrics = step_fn(state, batch, jnp.int32(step))
+      state, metrics = step_fn(state, batch, jnp.int32(step), *frozen_args)
       step += 1
       window_steps += 1
       pending.append((step, metrics))

@@ -1,0 +1,255 @@
+"""The quality/diversity comparison of every system, and the report.
+
+Systems, all sampled on the same held-out (test split) prompts with k
+generations each and the same keys:
+  base     the base model without guidance (1 forward pass per token)
+  cfg      the base model with CFG at each gamma in evaluate.gammas (2 passes)
+  student  each finetuned student (beta in finetune.betas; 1 pass)
+  merge    LERP of the beta-min and beta-max students over evaluate.lambdas (1 pass)
+For each: quality (mean adherence probability, and per attribute), embedding
+diversity, a model-free diversity (1 - shared n-gram fraction), the share of
+well-formed generations and of generations that ended with EOS, forward passes
+per token and measured tokens/s. Written to DIR/evaluate/: results.csv,
+results.json, front.png (quality vs diversity per family), samples/ (MIDI, WAV
+and piano rolls for melody datasets) and report.html.
+
+    python -m diverse_cfg.main --stage=evaluate --config=configs/essen.py:cpu --workdir=DIR
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import finetune
+from diverse_cfg import merge as merge_lib
+from diverse_cfg import sampling
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import specials
+
+
+def repeat_prompts(prompts_PxC: np.ndarray, k: int) -> np.ndarray:
+  return np.repeat(np.asarray(prompts_PxC, np.int32), k, axis=0)
+
+
+def score_samples(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int = 4,
+                  well_formed_fn: Callable | None = None) -> dict[str, float]:
+  """Quality, diversity (embedding and model-free), well-formedness of P x K samples."""
+  from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
+  tokens_PxKxT = np.asarray(tokens_PxKxT)
+  p, k, t = tokens_PxKxT.shape
+  flat_BxT = tokens_PxKxT.reshape(p * k, t)
+  out = {'diversity': float(evaluators.diversity(embedder, jnp.asarray(tokens_PxKxT)))}
+  out['ngram_diversity'] = 1.0 - float(evaluators.shared_ngram_fraction(tokens_PxKxT, n=ngram))
+  if quality_model is not None:
+    mean_B, per_attr_BxA = evaluators.quality(quality_model, jnp.asarray(flat_BxT),
+                                              jnp.asarray(repeat_prompts(prompts_PxC, k)))
+    out['quality'] = float(np.mean(mean_B))
+    for i, name in enumerate(getattr(quality_model, 'attribute_names', None) or
+                             [str(a) for a in range(per_attr_BxA.shape[1])]):
+      out[f'quality/{name}'] = float(np.mean(np.asarray(per_attr_BxA)[:, i]))
+  has_eos = (flat_BxT == specials.EOS).any(axis=1)
+  out['eos_rate'] = float(np.mean(has_eos))
+  if well_formed_fn is not None:
+    out['well_formed'] = float(np.mean([well_formed_fn(row) for row in flat_BxT]))
+  out['length'] = float(np.mean((flat_BxT != specials.PAD).sum(axis=1)))
+  return out
+
+
+def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:
+  """(tokens [P, K, T], seconds) for sample_fn(prompt_BxC, key) -> (tokens, logprobs)."""
+  rows = jnp.asarray(repeat_prompts(prompts_PxC, k))
+  start = time.perf_counter()
+  tokens, _ = sample_fn(rows, key)
+  tokens = sharding_lib.to_host(tokens)  # all-gathers when the rows span several processes
+  seconds = time.perf_counter() - start
+  return tokens.reshape(len(prompts_PxC), k, -1), seconds
+
+
+def measure_system(sample_fn, prompts_PxC, k, embedder, quality_model, key, mesh=None,
+                   ngram: int = 4) -> dict[str, float]:
+  """The periodic finetuning evaluation: sample, then score (prefixed eval/)."""
+  tokens, _ = sample_k(sample_fn, prompts_PxC, k, key)
+  return {f'eval/{k_}': v for k_, v in
+          score_samples(tokens, prompts_PxC, embedder, quality_model, ngram).items()}
+
+
+@dataclasses.dataclass
+class System:
+  name: str
+  family: str  # base | cfg | student | merge
+  setting: float  # gamma, beta or lambda
+  params: Any
+  gamma: float = 1.0  # > 1 (or != 1) with guided sampling
+  guided: bool = False
+
+  @property
+  def passes_per_token(self) -> int:
+    return 2 if self.guided else 1
+
+
+def build_systems(exp: experiment_lib.Experiment, workdir: str) -> list[System]:
+  e = exp.config.evaluate
+  base, _ = finetune.restore_model_params(finetune.base_dir(workdir), exp.model_cfg, exp.mesh,
+                                          exp.rules)
+  systems = [System('base', 'base', 1.0, base)]
+  systems += [System(f'cfg gamma={g:g}', 'cfg', float(g), base, gamma=float(g), guided=True)
+              for g in e.gammas]
+  students = {}
+  for beta in sorted(float(b) for b in exp.config.finetune.betas):
+    d = os.path.join(finetune.student_dir(workdir, beta), 'checkpoints')
+    students[beta], _ = finetune.restore_model_params(d, exp.model_cfg, exp.mesh, exp.rules)
+    systems.append(System(f'student beta={beta:g}', 'student', beta, students[beta]))
+  lo, hi = min(students), max(students)
+  if hi > lo:
+    for lam in e.lambdas:
+      systems.append(System(f'merge lambda={lam:g}', 'merge', float(lam),
+                            merge_lib.merge_params(students[lo], students[hi], float(lam))))
+  return systems
+
+
+def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dict]:
+  exp = experiment_lib.prepare(config, devices)
+  e = exp.config.evaluate
+  out_dir = os.path.join(workdir, 'evaluate')
+  os.makedirs(out_dir, exist_ok=True)
+  src = exp.sources.get('test') or exp.sources['validation']
+  n = min(e.num_prompts, len(src))
+  prompts_PxC = np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
+  sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
+  key = jax.random.key(exp.config.seed + 1234)  # the same key for every system
+  well_formed = None
+  if exp.meta.is_melody:
+    from diverse_cfg.data import melody  # pylint: disable=g-import-not-at-top
+    well_formed = melody.is_well_formed
+
+  def sample_fn(system):
+    if system.guided:
+      return lambda rows, k: sampler.sample_cfg(system.params, rows, k, gamma=system.gamma,
+                                                temperature=e.temperature)
+    return lambda rows, k: sampler.sample(system.params, rows, k, temperature=e.temperature)
+
+  systems = build_systems(exp, workdir)
+  # Compile both samplers once, so the timings below measure sampling only.
+  for s in (systems[0], systems[1]):
+    sample_k(sample_fn(s), prompts_PxC, e.k, key)
+  rows, samples = [], {}
+  for s in systems:
+    tokens, seconds = sample_k(sample_fn(s), prompts_PxC, e.k, key)
+    samples[s.name] = tokens
+    metrics = score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram, well_formed)
+    rows.append({'system': s.name, 'family': s.family, 'setting': s.setting,
+                 'passes_per_token': s.passes_per_token,
+                 'tokens_per_sec': tokens.size / seconds, **metrics})
+    print(f"{s.name:>22}: " + ', '.join(f'{k}={v:.4g}' for k, v in rows[-1].items()
+                                        if isinstance(v, float) and '/' not in k))
+  if jax.process_index() == 0:  # every process computed the same rows; one writes them
+    write_table(rows, out_dir)
+    plot_front(rows, os.path.join(out_dir, 'front.png'))
+    rendered = render_samples(exp.meta, samples, prompts_PxC, e.render_prompts, out_dir)
+    write_report(rows, rendered, exp.meta, prompts_PxC, out_dir)
+  return rows
+
+
+def write_table(rows: list[dict], out_dir: str) -> None:
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+
+
+FAMILY_STYLE = {'cfg': ('tab:blue', 'o-'), 'merge': ('tab:red', 's-'),
+                'student': ('tab:green', 'D'), 'base': ('black', 'x')}
+
+
+def plot_front(rows: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  if not rows or 'quality' not in rows[0]:
+    return
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for family, (color, style) in FAMILY_STYLE.items():
+    fam = [r for r in rows if r['family'] == family]
+    if not fam:
+      continue
+    label = {'cfg': 'CFG (gamma)', 'merge': 'LERP merge (lambda)', 'student': 'students (beta)',
+             'base': 'base, no CFG'}[family]
+    ax.plot([r['diversity'] for r in fam], [r['quality'] for r in fam], style, color=color,
+            label=label)
+    for r in fam:
+      ax.annotate(f"{r['setting']:g}", (r['diversity'], r['quality']), fontsize=7,
+                  textcoords='offset points', xytext=(3, 3), color=color)
+  ax.set_xlabel('diversity (mean pairwise 1 - cos of embeddings)')
+  ax.set_ylabel('quality (prompt adherence)')
+  ax.set_title('Quality / diversity on held-out prompts')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def render_samples(meta, samples: dict[str, np.ndarray], prompts_PxC, num_prompts: int,
+                   out_dir: str) -> dict[tuple[str, int], dict[str, str]] | None:
+  """MIDI, WAV and a piano roll of sample 0 of the first prompts, per system (melodies only)."""
+  if not meta.is_melody:
+    return None
+  from diverse_cfg.data import melody  # pylint: disable=g-import-not-at-top
+  sample_dir = os.path.join(out_dir, 'samples')
+  os.makedirs(sample_dir, exist_ok=True)
+  files = {}
+  for name, tokens_PxKxT in samples.items():
+    slug = name.replace(' ', '_').replace('=', '')
+    for p in range(min(num_prompts, len(prompts_PxC))):
+      stem = os.path.join(sample_dir, f'{slug}_p{p}')
+      row = tokens_PxKxT[p, 0]
+      melody.write_midi(row, stem + '.mid')
+      melody.write_wav(row, stem + '.wav')
+      melody.piano_roll_png([tokens_PxKxT[p, i] for i in range(min(2, tokens_PxKxT.shape[1]))],
+                            stem + '.png', titles=[f'{name}, sample {i}' for i in range(2)])
+      files[(name, p)] = {ext: os.path.relpath(stem + '.' + ext, out_dir)
+                          for ext in ('mid', 'wav', 'png')}
+  return files
+
+
+def write_report(rows, rendered, meta, prompts_PxC, out_dir: str) -> str:
+  cols = [k for k in rows[0] if k not in ('family',)]
+  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else html.escape(str(v))
+  table = '<tr>' + ''.join(f'<th>{html.escape(c)}</th>' for c in cols) + '</tr>\n'
+  table += ''.join('<tr>' + ''.join(f'<td>{fmt(r[c])}</td>' for c in cols) + '</tr>\n'
+                   for r in rows)
+  parts = [f'<h1>diverse_cfg: quality / diversity on {html.escape(meta.name)}</h1>',
+           '<img src="front.png" alt="quality vs diversity front">',
+           '<h2>Results</h2><table border=1 cellpadding=3>' + table + '</table>']
+  if rendered is None:
+    parts.append('<p>Audio and piano rolls are skipped: this dataset is not a melody dataset.</p>')
+  else:
+    for p in sorted({p for _, p in rendered}):
+      prompt = ', '.join(f'{k}: {v}' for k, v in meta.decode_prompt(prompts_PxC[p]).items())
+      parts.append(f'<h2>Prompt {p}: {html.escape(prompt)}</h2>')
+      for r in rows:
+        f = rendered.get((r['system'], p))
+        if f:
+          parts.append(f'<h3>{html.escape(r["system"])}</h3>'
+                       f'<audio controls src="{f["wav"]}"></audio> <a href="{f["mid"]}">MIDI</a>'
+                       f'<br><img src="{f["png"]}" width=700>')
+  page = ('<!doctype html><html><head><meta charset="utf-8"><title>diverse_cfg report</title>'
+          '</head><body>' + '\n'.join(parts) + '</body></html>')
+  path = os.path.join(out_dir, 'report.html')
+  with open(path, 'w') as f:
+    f.write(page)
+  return path

@@ -1,0 +1,160 @@
+"""Finetuning a student: on-policy CFG distillation + diversity reward (DESIGN.md 1).
+
+Each step, in one jitted, sharded function: P prompts x k samples from the
+student (no CFG, temperature finetune.temperature); the frozen base model's
+CFG log-probs (gamma = finetune.teacher_gamma) on the same sequences from one
+teacher-forced pass over [cond; uncond] rows; the exact per-position KL summed
+over each sequence; the frozen embedder's pairwise diversity reward with the
+unbiased leave-one-out baseline; loss = mean KL - beta * surrogate.
+
+    python -m diverse_cfg.main --stage=finetune --config=configs/essen.py:cpu --workdir=DIR
+(one student per value in finetune.betas, under DIR/students/beta_<beta>)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diverse_cfg import checkpoints
+from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import model as model_lib
+from diverse_cfg import objectives
+from diverse_cfg import sampling
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import training
+from diverse_cfg.data import pipeline
+
+
+def student_dir(workdir: str, beta: float) -> str:
+  return os.path.join(workdir, 'students', f'beta_{beta:g}')
+
+
+def base_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'pretrain', 'checkpoints')
+
+
+def restore_model_params(ckpt_dir: str, cfg: model_lib.ModelConfig, mesh, rules):
+  """A model checkpoint's params onto this mesh, checking the architecture first."""
+  saved = model_lib.ModelConfig.from_config(checkpoints.read_config(ckpt_dir).model)
+  if saved != cfg:
+    diff = {f: (getattr(saved, f), getattr(cfg, f)) for f in cfg.__dataclass_fields__
+            if getattr(saved, f) != getattr(cfg, f)}
+    raise checkpoints.CheckpointError(
+        f'{ckpt_dir} holds a different architecture (saved vs configured): {diff}')
+  abstract = sharding_lib.abstract_sharded(functools.partial(model_lib.init_params, cfg), mesh,
+                                           rules, jax.random.key(0))
+  return checkpoints.restore_params(ckpt_dir, abstract), jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
+                     embed_apply):
+  """The pure step: (state, batch, step, frozen) -> (state, metrics)."""
+  kl_fn = objectives.distillation_kl(f.kl)
+  k = f.k
+
+  def train_step(state, batch, step, frozen):
+    prompt_PxC = batch['prompt']
+    num_prompts = prompt_PxC.shape[0]
+    prompt_BxC = jnp.repeat(prompt_PxC, k, axis=0)  # row p * k + i: sample i of prompt p
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    tokens_BxT, _ = sampling.generate(cfg, cfg.seq_len, False, state['params'], prompt_BxC, key,
+                                      jnp.float32(1.0), f.temperature, jnp.int32(0))
+    mask_BxT = sampling.token_mask(tokens_BxT)
+    teacher_BxTxV = jax.lax.stop_gradient(
+        sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, f.teacher_gamma)['cfg'])
+    emb_BxD = embed_apply(frozen['embedder'], tokens_BxT)
+    r_PxKxK = objectives.pairwise_cosine_dissimilarity(emb_BxD.reshape(num_prompts, k, -1))
+    adv_PxK = objectives.loo_advantages(r_PxKxK)
+
+    def loss_fn(params):
+      logits = model_lib.forward(cfg, params, tokens_BxT, prompt_BxC,
+                                 jnp.zeros(tokens_BxT.shape[:1], bool))
+      logp_BxTxV = jax.nn.log_softmax(logits, axis=-1)
+      kl_B = kl_fn(logp_BxTxV, teacher_BxTxV, mask_BxT)
+      tok_logp_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None], -1)[..., 0]
+      seq_logp_PxK = jnp.sum(tok_logp_BxT * mask_BxT, -1).reshape(num_prompts, k)
+      surrogate = objectives.policy_gradient_surrogate(adv_PxK, seq_logp_PxK)
+      loss = jnp.mean(kl_B) - beta * surrogate
+      return loss, (kl_B, objectives.entropy(logp_BxTxV, mask_BxT))
+
+    (loss, (kl_B, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    grad_norm = optax.global_norm(grads)
+    flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
+    state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
+    return state, {
+        'loss': loss, 'kl': jnp.mean(kl_B), 'kl_per_token': jnp.sum(kl_B) / jnp.sum(mask_BxT),
+        'entropy': ent, 'reward/diversity': jnp.mean(objectives.mean_reward_per_sample(r_PxKxK)),
+        'advantage/mean': jnp.mean(adv_PxK), 'advantage/std': jnp.std(adv_PxK),
+        'advantage/abs_mean': jnp.mean(jnp.abs(adv_PxK)), 'length': jnp.mean(jnp.sum(mask_BxT, -1)),
+        'grad_norm': grad_norm, 'lr': schedule(step), **flags}
+
+  return train_step
+
+
+def finetune_flops(cfg: model_lib.ModelConfig, rows: int) -> float:
+  """Rollout (1 forward/token) + teacher scoring (2 rows/token) + student fwd+bwd (3)."""
+  fwd = rows * cfg.seq_len * training.decoder_flops_per_token(cfg, training=False)
+  return fwd * (1 + 2 + 3)
+
+
+def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedder,
+              evaluate_fn=None) -> training.Task:
+  cfg, f = exp.model_cfg, exp.config.finetune
+  tx, schedule = training.make_optimizer(f)
+  teacher, teacher_shardings = restore_model_params(base_dir(workdir), cfg,
+                                                    exp.mesh, exp.rules)
+
+  def init_state(key):
+    params = model_lib.init_params(cfg, key)
+    return {'params': params, 'opt_state': tx.init(params)}
+
+  def initial_state(state):  # the student starts as the base model
+    return {'params': jax.tree.map(jnp.copy, teacher), 'opt_state': state['opt_state']}
+
+  batch_sharding = pipeline.batch_sharding(exp.mesh, sharding_lib.BATCH_AXES)
+  repl = sharding_lib.replicated(exp.mesh)
+  prompts = pipeline.make_train_iterator(exp.sources['train'], f.batch_size, exp.config.seed,
+                                         batch_sharding, keys=('prompt',))
+  rows = f.batch_size * f.k
+  return training.Task(
+      name=f'finetune beta={beta:g}', init_state=init_state, initial_state=initial_state,
+      train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply),
+      batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
+      # The embedder's params sit on one device per process: laid out on the mesh here.
+      frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},
+      frozen_shardings={'teacher': teacher_shardings,
+                        'embedder': jax.tree.map(lambda _: repl, embedder.params)},
+      tokens_per_step=rows * cfg.seq_len, flops_per_step=finetune_flops(cfg, rows))
+
+
+def heldout_prompts(exp: experiment_lib.Experiment, split: str = 'validation') -> np.ndarray:
+  """The first finetune.eval_prompts prompts of a held-out split (deterministic)."""
+  src = exp.sources.get(split) or exp.sources['test']
+  n = min(exp.config.finetune.eval_prompts, len(src))
+  return np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
+
+
+def run(config, workdir: str, embedder, quality_model=None, devices=None, progress=True,
+        betas=None) -> dict[float, training.RunResult]:
+  """Trains one student per beta; returns their results."""
+  from diverse_cfg import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  exp = experiment_lib.prepare(config, devices)
+  results = {}
+  f = exp.config.finetune
+  sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
+  prompts = heldout_prompts(exp)
+  for beta in (f.betas if betas is None else betas):
+    def evaluate_fn(state, step):
+      return evaluate_lib.measure_system(
+          lambda p, key: sampler.sample(state['params'], p, key), prompts, f.eval_k, embedder,
+          quality_model, jax.random.key(exp.config.seed + 7), exp.mesh)
+    task = make_task(exp, workdir, float(beta), embedder, evaluate_fn)
+    results[beta] = training.run(task, f, exp.config, student_dir(workdir, float(beta)), exp.mesh,
+                                 exp.rules, progress=progress)
+  return results

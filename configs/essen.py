@@ -43,6 +43,11 @@ def get_config(arg: str = 'cpu'):
     c.train.eval_every = 200
     c.train.eval_batches = 0
     c.train.ckpt_every = 200
+    c.finetune.num_steps = 100  # ~3 s/step on 2 cores: 32 rollouts x 128 tokens + scoring
+    c.finetune.lr = 3e-4
+    c.finetune.eval_every = 50
+    c.finetune.ckpt_every = 50
+    c.evaluate.num_prompts = 32
   elif preset == 'pod':
     # ~300M params; a v5e-64 / 8x8 GPU layout: 8-way data, 4-way fsdp, 2-way tensor.
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 24, 1024, 16, 4096
@@ -57,6 +62,10 @@ def get_config(arg: str = 'cpu'):
     c.train.eval_every = 1000
     c.train.ckpt_every = 1000
     c.train.peak_flops = 197e12  # TPU v5e bf16 per chip
+    # Prompt batches must split over data*fsdp (= chips / 2 here): 64 prompts x k = 4
+    # rollouts per step fits 16 to 128 chips (v4-32 .. v5e-128).
+    c.finetune.batch_size = 64
+    c.finetune.peak_flops = 197e12
   else:
     raise ValueError(f'unknown preset {preset!r} for configs/essen.py; use smoke, cpu or pod')
   _evaluator_presets(c, preset)
@@ -75,9 +84,9 @@ def _evaluator_presets(c, preset: str) -> None:
   elif preset == 'cpu':  # a few minutes each on 2 CPU cores
     for s in (em, cl):
       s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 2, 64, 4, 192
-      s.lr, s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches = 2e-3, 50, 200, 200, 0
-    em.batch_size, em.num_steps, em.emb_dim, em.chunk_len = 64, 800, 64, 32
-    cl.batch_size, cl.num_steps = 32, 800
+      s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches = 50, 250, 250, 0
+    em.batch_size, em.num_steps, em.lr, em.emb_dim, em.chunk_len = 64, 1000, 2e-3, 64, 32
+    cl.batch_size, cl.num_steps, cl.lr = 32, 800, 3e-3
   elif preset == 'pod':
     for s in (em, cl):
       s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 6, 512, 8, 2048

@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.k = 4  # generations per prompt
   e.temperature = 1.0
   e.render_prompts = 3  # prompts whose samples get MIDI / WAV / piano rolls in the report
-  e.ngram = 4  # n for the model-free shared n-gram diversity measure
+  e.ngram = 2  # n for the model-free shared n-gram diversity measure
 
   # The frozen evaluators, trained on real data only (diverse_cfg/evaluators/).
   c.embedder = em = _evaluator_section()  # contrastive embedder: the diversity reward

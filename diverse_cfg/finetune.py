@@ -22,9 +22,11 @@ import numpy as np
 import optax
 
 from diverse_cfg import checkpoints
+from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import model as model_lib
 from diverse_cfg import objectives
+from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
@@ -69,7 +71,8 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     teacher_BxTxV = jax.lax.stop_gradient(
         sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, f.teacher_gamma)['cfg'])
     emb_BxD = embed_apply(frozen['embedder'], tokens_BxT)
-    r_PxKxK = objectives.pairwise_cosine_dissimilarity(emb_BxD.reshape(num_prompts, k, -1))
+    r_PxKxK = evaluators.pairwise_dissimilarity(emb_BxD.reshape(num_prompts, k, -1),
+                                                tokens_BxT.reshape(num_prompts, k, -1))
     adv_PxK = objectives.loo_advantages(r_PxKxK)
 
     def loss_fn(params):
@@ -110,10 +113,6 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
   teacher, teacher_shardings = restore_model_params(base_dir(workdir), cfg,
                                                     exp.mesh, exp.rules)
 
-  def init_state(key):
-    params = model_lib.init_params(cfg, key)
-    return {'params': params, 'opt_state': tx.init(params)}
-
   def initial_state(state):  # the student starts as the base model
     return {'params': jax.tree.map(jnp.copy, teacher), 'opt_state': state['opt_state']}
 
@@ -123,7 +122,8 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
                                          batch_sharding, keys=('prompt',))
   rows = f.batch_size * f.k
   return training.Task(
-      name=f'finetune beta={beta:g}', init_state=init_state, initial_state=initial_state,
+      name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
+      initial_state=initial_state,
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
       # The embedder's params sit on one device per process: laid out on the mesh here.

@@ -6,7 +6,8 @@ KL helpers are named by direction, first argument first:
 Both are exact over the vocabulary at every position and summed over the
 generated (non-PAD) positions of each sequence.
 
-The diversity reward is pairwise: r(y_i, y_j) = 1 - cos(E y_i, E y_j). For k
+The diversity reward is pairwise: r(y_i, y_j) = 1 - cos(E y_i, E y_j)
+(evaluators.pairwise_dissimilarity, the same function evaluation uses). For k
 samples of one prompt, R_i = mean_{j != i} r_ij. The usual RLOO baseline (the
 mean of the other R_j) contains r_ji, which depends on y_i, so it biases the
 gradient for a pairwise reward (by a factor 1 - 1/(k-1): half the gradient at
@@ -53,14 +54,6 @@ def entropy(logp_BxTxV, mask_BxT):
   """Mean per-token entropy over the masked positions."""
   h_BxT = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
   return jnp.sum(h_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
-
-
-def pairwise_cosine_dissimilarity(emb_PxKxD):
-  """r[p, i, j] = 1 - cos(e_pi, e_pj); the diagonal is 0."""
-  unit = emb_PxKxD / jnp.linalg.norm(emb_PxKxD, axis=-1, keepdims=True).clip(1e-12)
-  r_PxKxK = 1.0 - jnp.einsum('pid,pjd->pij', unit, unit)
-  k = emb_PxKxD.shape[1]
-  return r_PxKxK * (1.0 - jnp.eye(k))
 
 
 def mean_reward_per_sample(r_PxKxK):

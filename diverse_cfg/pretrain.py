@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +28,8 @@ def lm_loss(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, null_B):
   return training.cross_entropy(logits, tokens_BxT, sampling.token_mask(tokens_BxT))
 
 
-def make_task(exp: experiment_lib.Experiment, workdir: str) -> training.Task:
-  cfg, t, seed = exp.model_cfg, exp.config.train, exp.config.seed
-  tx, schedule = training.make_optimizer(t)
-
-  def init_state(key):
-    params = model_lib.init_params(cfg, key)
-    return {'params': params, 'opt_state': tx.init(params)}
+def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int):
+  """The pure step: (state, batch, step) -> (state, metrics), with prompt dropout."""
 
   def train_step(state, batch, step):
     key = jax.random.fold_in(jax.random.key(seed), step)
@@ -47,6 +41,20 @@ def make_task(exp: experiment_lib.Experiment, workdir: str) -> training.Task:
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
     return state, {'loss': loss, 'perplexity': jnp.exp(loss), 'grad_norm': grad_norm,
                    'lr': schedule(step), **flags}
+
+  return train_step
+
+
+def init_state_fn(cfg: model_lib.ModelConfig, tx):
+  def init_state(key):
+    params = model_lib.init_params(cfg, key)
+    return {'params': params, 'opt_state': tx.init(params)}
+  return init_state
+
+
+def make_task(exp: experiment_lib.Experiment) -> training.Task:
+  cfg, t, seed = exp.model_cfg, exp.config.train, exp.config.seed
+  tx, schedule = training.make_optimizer(t)
 
   batch_sharding = pipeline.batch_sharding(exp.mesh, sharding_lib.BATCH_AXES)
   eval_loss = jax.jit(functools.partial(_eval_sums, cfg))
@@ -66,7 +74,8 @@ def make_task(exp: experiment_lib.Experiment, workdir: str) -> training.Task:
                                         keys=BATCH_KEYS)
   tokens_per_step = t.batch_size * cfg.seq_len
   return training.Task(
-      name='pretrain', init_state=init_state, train_step=train_step, batches=batches,
+      name='pretrain', init_state=init_state_fn(cfg, tx),
+      train_step=train_step_fn(cfg, tx, schedule, seed), batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * training.decoder_flops_per_token(cfg, training=True))
 
@@ -84,6 +93,5 @@ def _eval_sums(cfg, params, tokens_BxT, prompt_BxC, mask_B):
 
 def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
   exp = experiment_lib.prepare(config, devices)
-  task = make_task(exp, workdir)
-  return training.run(task, exp.config.train, exp.config, os.path.join(workdir), exp.mesh,
+  return training.run(make_task(exp), exp.config.train, exp.config, workdir, exp.mesh,
                       exp.rules, progress=progress)

@@ -36,12 +36,19 @@ def cfg_log_probs(logits_c, logits_u, gamma):
 
 
 def top_k_filter(logp_BxV, top_k):
-  """Keeps the top_k entries (ties kept); top_k = 0 keeps all. top_k may be traced."""
+  """Keeps the top_k entries (ties kept); top_k = 0 keeps all. top_k may be traced.
+
+  The sort runs only when top_k > 0 (lax.cond): a full-vocabulary sort per
+  decode step would dominate sampling on CPU.
+  """
   vocab = logp_BxV.shape[-1]
-  sorted_BxV = jnp.sort(logp_BxV, axis=-1)
-  kth_Bx1 = jnp.take(sorted_BxV, vocab - jnp.clip(top_k, 1, vocab), axis=-1)[:, None]
-  keep = (top_k <= 0) | (logp_BxV >= kth_Bx1)
-  return jnp.where(keep, logp_BxV, model_lib.NEG_INF)
+
+  def keep_top_k(x):
+    sorted_BxV = jnp.sort(x, axis=-1)
+    kth_Bx1 = jnp.take(sorted_BxV, vocab - jnp.clip(top_k, 1, vocab), axis=-1)[:, None]
+    return jnp.where(x >= kth_Bx1, x, model_lib.NEG_INF)
+
+  return jax.lax.cond(top_k > 0, keep_top_k, lambda x: x, logp_BxV)
 
 
 def sampling_log_probs(logits_c, logits_u, gamma, temperature, top_k):

@@ -66,15 +66,6 @@ def test_k2_uses_other_prompts_baseline():
     objectives.loo_baseline(r[:1])
 
 
-def test_pairwise_dissimilarity_matches_numpy():
-  e = np.random.default_rng(0).normal(size=(2, 3, 5))
-  u = e / np.linalg.norm(e, axis=-1, keepdims=True)
-  want = 1 - np.einsum('pid,pjd->pij', u, u)
-  want[:, np.arange(3), np.arange(3)] = 0
-  np.testing.assert_allclose(objectives.pairwise_cosine_dissimilarity(jnp.asarray(e)), want,
-                             atol=1e-6)
-
-
 # A tiny policy over an enumerable sample space: 6 outcomes, softmax(theta).
 EMB = np.random.default_rng(1).normal(size=(6, 3))
 

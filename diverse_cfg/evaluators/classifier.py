@@ -1,0 +1,190 @@
+"""The prompt-adherence classifier: the quality score (the MuLan-adherence analogue).
+
+Given a token sequence it predicts every prompt attribute (one softmax per
+attribute). The quality of a generation for a prompt is the mean over
+attributes of the probability the classifier gives the prompt's value.
+Trained on real sequences with their real prompts only.
+
+Attributes come from the dataset's metadata: per-attribute sizes and prompt-id
+offsets; a dataset whose prompt positions share one vocabulary (imported,
+shared_prompt_vocab, all offsets 0) has one attribute per prompt position with
+prompt_vocab_size classes each.
+
+    python -m diverse_cfg.main --stage=classifier --config=configs/essen.py:cpu --workdir=DIR
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diverse_cfg import config_lib
+from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import training
+from diverse_cfg.data import pipeline
+from diverse_cfg.evaluators import encoder
+from diverse_cfg.evaluators import interface
+from diverse_cfg.evaluators import metrics
+from diverse_cfg.evaluators import stage
+
+BATCH_KEYS = ('tokens', 'prompt')
+
+
+def attributes_of(meta) -> dict[str, tuple]:
+  """The classifier's targets for a dataset: classes, prompt offsets, names per attribute."""
+  shared = bool(meta.metadata.get('shared_prompt_vocab', False))
+  c = meta.prompt_len
+  if shared:  # one vocabulary at every position: each position is a prompt_vocab_size-way label
+    return {'num_classes': (meta.prompt_vocab_size,) * c, 'prompt_offsets': (0,) * c,
+            'attribute_names': tuple(meta.attribute_names)}
+  return {'num_classes': tuple(meta.attribute_sizes),
+          'prompt_offsets': tuple(meta.attribute_offsets),
+          'attribute_names': tuple(meta.attribute_names)}
+
+
+def fill_attributes(config: ml_collections.ConfigDict, meta) -> None:
+  """Sets classifier.{num_classes, prompt_offsets, attribute_names} from the data (if empty)."""
+  want = attributes_of(meta)
+  cl = config.classifier
+  for field, value in want.items():
+    have = tuple(cl[field])
+    if not have:
+      cl[field] = value
+    elif have != value:
+      raise config_lib.ConfigError(
+          f'config.classifier.{field}={have} but dataset {meta.name!r} gives {value}; leave it '
+          'empty to take it from the data')
+  if not want['num_classes']:
+    raise config_lib.ConfigError(f'dataset {meta.name!r} has no prompt attributes to classify')
+
+
+def build_net(config: ml_collections.ConfigDict) -> encoder.ClassifierNet:
+  cl = config.classifier
+  # Anchors: the classifier reads whole sequences, whose first and last events matter.
+  enc = encoder.EncoderConfig.from_section(cl, config.model.vocab_size, anchors=True)
+  return encoder.ClassifierNet(enc, num_classes=tuple(int(k) for k in cl.num_classes))
+
+
+def labels_of(prompt_BxC, offsets_C, num_classes_C):
+  """Class index per attribute; clipped so that a malformed prompt cannot index out of range."""
+  labels = prompt_BxC - jnp.asarray(offsets_C, prompt_BxC.dtype)
+  return jnp.clip(labels, 0, jnp.asarray(num_classes_C) - 1)
+
+
+def _prompt_probs(net, offsets_C, params, tokens_BxT, prompt_BxC):
+  logp_BxAxK = net.apply({'params': params}, tokens_BxT)
+  labels_BxA = labels_of(prompt_BxC, offsets_C, net.num_classes)
+  return jnp.exp(jnp.take_along_axis(logp_BxAxK, labels_BxA[..., None], axis=-1)[..., 0])
+
+
+def _predict(net, offsets_C, params, tokens_BxT):
+  logp_BxAxK = net.apply({'params': params}, tokens_BxT)
+  return jnp.argmax(logp_BxAxK, axis=-1).astype(jnp.int32) + jnp.asarray(offsets_C, jnp.int32)
+
+
+def make_quality_model(config: ml_collections.ConfigDict, params) -> interface.QualityModel:
+  cl, net = config.classifier, build_net(config)
+  offsets = tuple(int(o) for o in cl.prompt_offsets)
+  return interface.QualityModel(apply=functools.partial(_prompt_probs, net, offsets), params=params,
+                                predict=functools.partial(_predict, net, offsets),
+                                attribute_names=tuple(cl.attribute_names))
+
+
+def make_task(exp: experiment_lib.Experiment) -> training.Task:
+  config, cl = exp.config, exp.config.classifier
+  net = build_net(config)
+  offsets, names = tuple(cl.prompt_offsets), tuple(cl.attribute_names)
+  tx, schedule = training.make_optimizer(cl)
+  init_params = encoder.init_fn(net)
+
+  def init_state(key):
+    params = init_params(key)
+    return {'params': params, 'opt_state': tx.init(params)}
+
+  def train_step(state, batch, step):
+    labels_BxA = labels_of(batch['prompt'], offsets, net.num_classes)
+
+    def loss_fn(params):
+      logp_BxAxK = net.apply({'params': params}, batch['tokens'])
+      nll_BxA = -jnp.take_along_axis(logp_BxAxK, labels_BxA[..., None], axis=-1)[..., 0]
+      return jnp.mean(nll_BxA), logp_BxAxK
+
+    (loss, logp_BxAxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    acc_A = jnp.mean(jnp.argmax(logp_BxAxK, -1) == labels_BxA, axis=0)
+    grad_norm = optax.global_norm(grads)
+    flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
+    state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
+    return state, {'loss': loss, **{f'acc/{n}': acc_A[i] for i, n in enumerate(names)},
+                   'grad_norm': grad_norm, 'lr': schedule(step), **flags}
+
+  val = None
+  if 'validation' in exp.sources:
+    val = stage.split_arrays(exp.sources['validation'], BATCH_KEYS, stage.validation_rows(cl))
+
+  def evaluate(state, step):
+    del step
+    if val is None or not len(val['tokens']):
+      return {}
+    qm = make_quality_model(config, state['params'])
+    acc = metrics.classifier_accuracy(qm, val['tokens'], val['prompt'], cl.batch_size)
+    probs = metrics.in_batches(
+        lambda t, p: qm(t, p), [val['tokens'], val['prompt']], cl.batch_size)
+    return {'val/quality': float(np.mean(probs)),
+            'val/loss': float(np.mean(-np.log(np.maximum(probs, 1e-30)))),
+            **{f'val/acc/{n}': a['accuracy'] for n, a in acc.items()}}
+
+  batch_sharding = pipeline.batch_sharding(exp.mesh, sharding_lib.BATCH_AXES)
+  batches = pipeline.make_train_iterator(exp.sources['train'], cl.batch_size, config.seed,
+                                        batch_sharding, keys=BATCH_KEYS)
+  tokens_per_step = cl.batch_size * config.model.seq_len
+  return training.Task(
+      name='classifier', init_state=init_state, train_step=train_step, batches=batches,
+      batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
+      flops_per_step=tokens_per_step * net.cfg.flops_per_token(config.model.seq_len, True))
+
+
+def heldout_figures(qm: interface.QualityModel, tokens_NxT, prompt_NxC, batch_size: int,
+                    seed: int = 0) -> dict:
+  """Per-attribute accuracy vs the majority rate, and quality with own vs shuffled prompts."""
+  out = {'accuracy': metrics.classifier_accuracy(qm, tokens_NxT, prompt_NxC, batch_size),
+         'num_examples': len(tokens_NxT)}
+  shuffled = np.asarray(prompt_NxC)[np.random.default_rng(seed).permutation(len(prompt_NxC))]
+  for name, prompts in (('own_prompts', prompt_NxC), ('shuffled_prompts', shuffled)):
+    q = metrics.in_batches(lambda t, p: qm.quality(t, p), [tokens_NxT, prompts], batch_size)
+    out.setdefault('quality', {})[name] = float(np.mean(q))
+  return out
+
+
+def prepare(config, devices=None) -> experiment_lib.Experiment:
+  exp = experiment_lib.prepare(config, devices)
+  with exp.config.unlocked():
+    fill_attributes(exp.config, exp.meta)
+  config_lib.validate_classifier(exp.config.classifier)
+  return exp
+
+
+def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
+  exp = prepare(config, devices)
+  result = training.run(make_task(exp), exp.config.classifier, exp.config, workdir, exp.mesh,
+                        exp.rules, progress=progress)
+  if not result.preempted:
+    split = stage.heldout_split(exp.sources)
+    data = stage.split_arrays(exp.sources[split], BATCH_KEYS)
+    figures = {'split': split, **heldout_figures(
+        make_quality_model(exp.config, result.state['params']), data['tokens'], data['prompt'],
+        exp.config.classifier.batch_size, exp.config.seed)}
+    stage.write_heldout(workdir, result.step, figures)
+    result.history.append({'step': result.step, **stage.flatten(figures, 'test/')})
+  return result
+
+
+def load_quality_model(stage_dir: str, mesh=None, rules=None) -> interface.QualityModel:
+  """The trained classifier of a stage directory (DIR/classifier) as a QualityModel."""
+  config, params = stage.restore(stage_dir, lambda c: encoder.init_fn(build_net(c)), mesh, rules)
+  return make_quality_model(config, params)

@@ -1,0 +1,246 @@
+"""A small bidirectional transformer encoder over token sequences, and its two heads.
+
+The evaluators read whole sequences (or chunks of them), so attention is not
+causal: every event attends to every other event of its row, and PAD (and
+anything after the first EOS) is hidden as a key and left out of the pooled
+mean. Positions are rotary, i.e. relative, so a model trained on chunks reads
+a whole sequence without a position table to outgrow. The classifier adds
+BOS/EOS anchors (`anchored`) so that it can tell a sequence's first and last
+events apart; the embedder, trained on chunks whose edges are not the piece's,
+does not.
+
+Norms and rotary come from model.py; attention and MLP are written here
+because they take a padding mask instead of a cache. Every parameter carries
+logical axis names; the names the decoder does not use ('embed_out',
+'attributes', 'classes') are unmapped by the rules, i.e. replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diverse_cfg import model as model_lib
+from diverse_cfg import specials
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  vocab_size: int  # incl. PAD/BOS/EOS, as the dataset's tokens
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  mlp_dim: int = 256
+  dtype: str = 'float32'
+  rope_base: float = 10_000.0
+  # Mark the sequence's start and end with BOS / EOS tokens (see `anchored`).
+  anchors: bool = False
+
+  @classmethod
+  def from_section(cls, section: ml_collections.ConfigDict, vocab_size: int,
+                   anchors: bool = False) -> 'EncoderConfig':
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in ('vocab_size', 'anchors')]
+    return cls(vocab_size=int(vocab_size), anchors=anchors, **{f: section[f] for f in fields})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def pooled_dim(self) -> int:
+    """Encoder output size: the mean, plus the BOS and EOS states with anchors."""
+    return 3 * self.d_model if self.anchors else self.d_model
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // 128) * 128  # any tensor-axis size divides the rows
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def flops_per_token(self, seq_len: int, training: bool) -> float:
+    dense = self.num_layers * (4 * self.d_model ** 2 + 3 * self.d_model * self.mlp_dim)
+    attn = 2 * self.num_layers * seq_len * self.d_model
+    fwd = 2 * dense + 2 * attn
+    return 3 * fwd if training else fwd
+
+
+def content_mask(tokens_BxT: jax.Array) -> jax.Array:
+  """True on events: ids >= NUM_SPECIAL before a row's first EOS.
+
+  Generated rows hold PAD after EOS, but a user's tokens may not: whatever
+  follows the first EOS is not part of the sequence.
+  """
+  before_eos = jnp.cumsum(tokens_BxT == specials.EOS, axis=-1) == 0
+  return before_eos & (tokens_BxT >= specials.NUM_SPECIAL)
+
+
+def anchored(tokens_BxT: jax.Array) -> jax.Array:
+  """[BOS, events..., EOS, PAD...] of length T + 2, from any row (EOS or not, junk after it).
+
+  Positions are relative, so without anchors nothing tells the encoder where a
+  sequence starts or ends; with them it can read what is first and last (a
+  tune's final note decides its mode, for one). A row that ran out of length
+  without EOS is read as ending there.
+  """
+  content_BxT = content_mask(tokens_BxT)
+  batch, length = tokens_BxT.shape
+  body_BxT = jnp.where(content_BxT, tokens_BxT, specials.PAD)
+  out_BxT2 = jnp.concatenate([jnp.full((batch, 1), specials.BOS, tokens_BxT.dtype), body_BxT,
+                              jnp.full((batch, 1), specials.PAD, tokens_BxT.dtype)], axis=1)
+  last_B = jnp.max(jnp.where(content_BxT, jnp.arange(length), -1), axis=1)  # -1: no events
+  eos_at_BxT2 = jnp.arange(length + 2)[None, :] == last_B[:, None] + 2
+  return jnp.where(eos_at_BxT2, specials.EOS, out_BxT2)
+
+
+def _kernel(module: nn.Module, name: str, shape, names, dtype):
+  fan_in = 1
+  for n in shape[:-1]:
+    fan_in *= n
+  init = nn.with_logical_partitioning(nn.initializers.normal(fan_in ** -0.5), names)
+  return module.param(name, init, shape, jnp.float32).astype(dtype)
+
+
+class EncoderAttention(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_BxT):
+    c = self.cfg
+    pos_T = jnp.arange(x_BxTxD.shape[1])
+    proj = lambda n: _kernel(self, n, (c.d_model, c.num_heads, c.head_dim),
+                             ('embed', 'heads', 'kv'), c.jnp_dtype)
+    q_BxTxHxK = model_lib.rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('query')), pos_T,
+                                 c.rope_base)
+    k_BxTxHxK = model_lib.rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('key')), pos_T,
+                                 c.rope_base)
+    v_BxTxHxK = jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('value'))
+    scores_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxTxHxK,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
+    # Padding keys are hidden; a row with no events attends uniformly (finite, then unused).
+    scores_BxHxTxS = jnp.where(mask_BxT[:, None, None, :], scores_BxHxTxS, model_lib.NEG_INF)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(c.jnp_dtype)
+    out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', probs_BxHxTxS, v_BxTxHxK)
+    w_out = _kernel(self, 'out', (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'),
+                    c.jnp_dtype)
+    return jnp.einsum('bthk,hkd->btd', out_BxTxHxK, w_out)
+
+
+class EncoderMLP(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.cfg
+    gate = x_BxTxD @ _kernel(self, 'gate', (c.d_model, c.mlp_dim), ('embed', 'mlp'), c.jnp_dtype)
+    up = x_BxTxD @ _kernel(self, 'up', (c.d_model, c.mlp_dim), ('embed', 'mlp'), c.jnp_dtype)
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return h_BxTxF @ _kernel(self, 'down', (c.mlp_dim, c.d_model), ('mlp', 'embed'), c.jnp_dtype)
+
+
+class EncoderBlock(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_BxT):
+    norm = functools.partial(model_lib.RMSNorm, self.cfg.jnp_dtype)
+    x_BxTxD = x_BxTxD + EncoderAttention(self.cfg, name='attn')(norm(name='attn_norm')(x_BxTxD),
+                                                                 mask_BxT)
+    x_BxTxD = x_BxTxD + EncoderMLP(self.cfg, name='mlp')(norm(name='mlp_norm')(x_BxTxD))
+    return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
+
+
+class Encoder(nn.Module):
+  """tokens [B, T] -> masked mean of the final hidden states [B, pooled_dim] (float32)."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT):
+    c = self.cfg
+    if c.anchors:
+      tokens_BxT = anchored(tokens_BxT)
+      mask_BxT = tokens_BxT != specials.PAD
+    else:
+      mask_BxT = content_mask(tokens_BxT)
+    emb_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
+                                            ('vocab', 'embed'))
+    x_BxTxD = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init,
+                       name='embed')(tokens_BxT).astype(c.jnp_dtype)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
+    for i in range(c.num_layers):
+      x_BxTxD = EncoderBlock(c, name=f'layer_{i}')(x_BxTxD, mask_BxT)
+    h_BxTxD = model_lib.RMSNorm(jnp.float32, name='final_norm')(x_BxTxD)
+    w_BxT = mask_BxT.astype(jnp.float32)
+    # An empty row pools to zeros, so every empty sequence gets the same output.
+    mean_BxD = jnp.einsum('btd,bt->bd', h_BxTxD, w_BxT) / jnp.maximum(w_BxT.sum(-1), 1.0)[:, None]
+    if not c.anchors:
+      return mean_BxD
+    # The anchors' own states too: each attends to the whole row, and a mean over
+    # ~100 positions would dilute what they single out (e.g. the last event).
+    eos_B = jnp.argmax(tokens_BxT == specials.EOS, axis=1)
+    eos_BxD = jnp.take_along_axis(h_BxTxD, eos_B[:, None, None], axis=1)[:, 0]
+    return jnp.concatenate([mean_BxD, h_BxTxD[:, 0], eos_BxD], axis=-1)
+
+
+class EmbedNet(nn.Module):
+  """Encoder + projection -> unit vectors [B, E]; `log_scale` is InfoNCE's learned 1/temperature."""
+  cfg: EncoderConfig
+  emb_dim: int
+  learn_temperature: bool = False
+  init_temperature: float = 0.1
+
+  @nn.compact
+  def __call__(self, tokens_BxT):
+    if self.learn_temperature:  # created here so init makes it; only the loss reads it
+      self.param('log_scale', nn.with_logical_partitioning(
+          nn.initializers.constant(-jnp.log(self.init_temperature)), ()), (), jnp.float32)
+    pooled_BxD = Encoder(self.cfg, name='encoder')(tokens_BxT)
+    # With a bias, an empty row maps to a fixed vector rather than to 0/0.
+    proj = nn.Dense(self.emb_dim, dtype=jnp.float32, name='proj',
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                             ('embed', 'embed_out')),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                           ('embed_out',)))
+    return l2_normalize(proj(pooled_BxD))
+
+
+def l2_normalize(x_BxE: jax.Array, eps: float = 1e-12) -> jax.Array:
+  return x_BxE * jax.lax.rsqrt(jnp.sum(x_BxE * x_BxE, axis=-1, keepdims=True) + eps)
+
+
+class ClassifierNet(nn.Module):
+  """Encoder + one softmax head per attribute -> log-probs [B, A, K_max].
+
+  Heads share one [D, A, K_max] kernel; classes at or past an attribute's size
+  get -inf logits, so each attribute's softmax is over its own values only.
+  """
+  cfg: EncoderConfig
+  num_classes: Sequence[int]  # per attribute
+
+  @nn.compact
+  def __call__(self, tokens_BxT):
+    pooled_BxD = Encoder(self.cfg, name='encoder')(tokens_BxT)
+    num_attr, k_max = len(self.num_classes), max(self.num_classes)
+    w_DxAxK = self.param('head', nn.with_logical_partitioning(
+        nn.initializers.normal(self.cfg.pooled_dim ** -0.5), ('embed', 'attributes', 'classes')),
+                         (self.cfg.pooled_dim, num_attr, k_max), jnp.float32)
+    b_AxK = self.param('head_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, ('attributes', 'classes')), (num_attr, k_max), jnp.float32)
+    logits_BxAxK = jnp.einsum('bd,dak->bak', pooled_BxD, w_DxAxK) + b_AxK
+    valid_AxK = jnp.arange(k_max)[None, :] < jnp.asarray(self.num_classes)[:, None]
+    logits_BxAxK = jnp.where(valid_AxK, logits_BxAxK, model_lib.NEG_INF)
+    return jax.nn.log_softmax(logits_BxAxK, axis=-1)
+
+
+def init_fn(net: nn.Module):
+  """key -> boxed params of `net` (shape-only dummy input; positions are relative)."""
+  def init(key: jax.Array) -> Any:
+    return net.init(key, jnp.zeros((1, 2), jnp.int32))['params']
+  return init

@@ -1,0 +1,181 @@
+"""Diversity and quality of generations, and the evaluators' held-out figures.
+
+Model-based (jitted, batched): `diversity`, `pairwise_dissimilarity`, `quality`.
+Model-free (numpy, for reports): `shared_ngram_fraction`.
+Held-out figures of the evaluators themselves: `retrieval_accuracy`,
+`classifier_accuracy`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import specials
+from diverse_cfg.evaluators import chunks
+from diverse_cfg.evaluators import encoder
+from diverse_cfg.evaluators import interface
+
+
+def pairwise_dissimilarity(emb_PxKxD: jax.Array,
+                           tokens_PxKxT: jax.Array | None = None) -> jax.Array:
+  """1 - cos between every two of the K embeddings of each prompt: [P, K, K].
+
+  Rows are normalised here, so a user embedder whose vectors are not unit
+  length still gets cosines. Computed as |u - v|^2 / 2 (equal to 1 - u.v for
+  unit u, v), so near-identical embeddings do not lose their difference to
+  cancellation. With the tokens given, two generations that are the same
+  sequence (same events before EOS) get exactly 0: the embedder is a function
+  of the sequence, but a batched forward need not give bit-identical rows.
+  """
+  unit_PxKxD = encoder.l2_normalize(emb_PxKxD.astype(jnp.float32))
+  diff_PxKxKxD = unit_PxKxD[:, :, None, :] - unit_PxKxD[:, None, :, :]
+  d_PxKxK = 0.5 * jnp.sum(diff_PxKxKxD * diff_PxKxKxD, axis=-1)
+  if tokens_PxKxT is not None:
+    d_PxKxK = jnp.where(same_sequence(tokens_PxKxT), 0.0, d_PxKxK)
+  return d_PxKxK
+
+
+def same_sequence(tokens_PxKxT: jax.Array) -> jax.Array:
+  """[P, K, K]: whether generations i and j of a prompt hold the same events before EOS."""
+  canon_PxKxT = jnp.where(encoder.content_mask(tokens_PxKxT), tokens_PxKxT, specials.PAD)
+  return jnp.all(canon_PxKxT[:, :, None, :] == canon_PxKxT[:, None, :, :], axis=-1)
+
+
+def mean_off_diagonal(x_PxKxK: jax.Array) -> jax.Array:
+  """Mean over ordered pairs i != j, per prompt: [P]."""
+  k = x_PxKxK.shape[-1]
+  off_KxK = 1.0 - jnp.eye(k, dtype=x_PxKxK.dtype)
+  return jnp.sum(x_PxKxK * off_KxK, axis=(-2, -1)) / (k * (k - 1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _diversity(apply: Callable, params: Any, tokens_PxKxT: jax.Array) -> jax.Array:
+  p, k, t = tokens_PxKxT.shape
+  emb_PxKxD = apply(params, tokens_PxKxT.reshape(p * k, t)).reshape(p, k, -1)
+  return jnp.mean(mean_off_diagonal(pairwise_dissimilarity(emb_PxKxD, tokens_PxKxT)))
+
+
+def diversity(embedder: interface.Embedder, tokens_PxKxT) -> jax.Array:
+  """Mean over prompts of the mean pairwise (1 - cos) among each prompt's K generations."""
+  tokens_PxKxT = jnp.asarray(tokens_PxKxT, jnp.int32)
+  if tokens_PxKxT.ndim != 3 or tokens_PxKxT.shape[1] < 2:
+    raise ValueError(f'diversity needs tokens [P, K, T] with K >= 2 generations per prompt, '
+                     f'got shape {tuple(tokens_PxKxT.shape)}')
+  return _diversity(embedder.apply, embedder.params, tokens_PxKxT)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quality(apply: Callable, params: Any, tokens_BxT, prompt_BxC):
+  probs_BxA = apply(params, tokens_BxT, prompt_BxC)
+  return jnp.mean(probs_BxA, axis=-1), probs_BxA
+
+
+def quality(quality_model: interface.QualityModel, tokens_BxT, prompt_BxC):
+  """(quality [B] = mean over attributes, per-attribute probabilities [B, A])."""
+  return _quality(quality_model.apply, quality_model.params, jnp.asarray(tokens_BxT, jnp.int32),
+                  jnp.asarray(prompt_BxC, jnp.int32))
+
+
+def events_of(row_T: np.ndarray) -> np.ndarray:
+  """A row's events: ids >= NUM_SPECIAL before its first EOS (numpy twin of content_mask)."""
+  row_T = np.asarray(row_T)
+  eos = np.flatnonzero(row_T == specials.EOS)
+  row_T = row_T[:eos[0]] if eos.size else row_T
+  return row_T[row_T >= specials.NUM_SPECIAL]
+
+
+def _ngrams(events: np.ndarray, n: int) -> list[tuple[int, ...]]:
+  return [tuple(events[s:s + n].tolist()) for s in range(len(events) - n + 1)]
+
+
+def shared_ngram_fraction(tokens_PxKxT, n: int = 4) -> float:
+  """Model-free similarity of a prompt's generations (high = alike, 1 = copies).
+
+  For an ordered pair (i, j) of one prompt's generations: the share of i's
+  n-gram occurrences (over its events, counted with repetition) whose n-gram
+  occurs anywhere in j. Averaged over ordered pairs i != j and then prompts;
+  pairs where i has no n-gram (fewer than n events) are left out, and a
+  prompt with no such pair is left out; NaN if nothing is left.
+  """
+  tokens_PxKxT = np.asarray(tokens_PxKxT)
+  per_prompt = []
+  for gens_KxT in tokens_PxKxT:
+    grams = [_ngrams(events_of(row), n) for row in gens_KxT]
+    sets = [set(g) for g in grams]
+    shares = [np.mean([g in sets[j] for g in grams[i]])
+              for i in range(len(grams)) for j in range(len(grams)) if i != j and grams[i]]
+    if shares:
+      per_prompt.append(np.mean(shares))
+  return float(np.mean(per_prompt)) if per_prompt else float('nan')
+
+
+def in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """fn over fixed-size batches (the last one padded by repetition): one compilation."""
+  n = len(arrays[0])
+  outs = []
+  for s in range(0, n, batch_size):
+    rows = np.minimum(np.arange(s, s + batch_size), n - 1)
+    # to_host: params sharded over several processes give a global output.
+    outs.append(sharding_lib.to_host(fn(*[a[rows] for a in arrays]))[:min(batch_size, n - s)])
+  return np.concatenate(outs)
+
+
+def embed_all(embedder: interface.Embedder, tokens_NxT, batch_size: int = 128) -> np.ndarray:
+  return in_batches(embedder, [np.asarray(tokens_NxT, np.int32)], batch_size)
+
+
+def retrieval_accuracy(embedder: interface.Embedder, tokens_NxT, chunk_len: int,
+                       batch_size: int = 128) -> dict[str, float]:
+  """Each piece's first chunk retrieves among all pieces' second chunks (chunks.heldout_pair).
+
+  top1/top5: share of pieces whose own second chunk is the nearest / among
+  the 5 nearest by cosine; chance = 1/N. Pieces with < 2 events are left out.
+  """
+  first, second, valid = jax.device_get(chunks.heldout_pair(jnp.asarray(tokens_NxT, jnp.int32),
+                                                            chunk_len))
+  first, second = np.asarray(first)[valid], np.asarray(second)[valid]
+  n = len(first)
+  if n < 2:
+    raise ValueError(f'retrieval needs at least 2 pieces with >= 2 events, got {n}')
+  a_NxE = embed_all(embedder, first, batch_size)
+  b_NxE = embed_all(embedder, second, batch_size)
+  sim_NxN = a_NxE @ b_NxE.T
+  own_N = np.diag(sim_NxN)
+  rank_N = np.sum(sim_NxN > own_N[:, None], axis=1)  # pieces strictly closer than its own
+  return {'top1': float(np.mean(rank_N == 0)), 'top5': float(np.mean(rank_N < 5)),
+          'chance': 1.0 / n, 'num_pieces': n}
+
+
+def classifier_accuracy(quality_model: interface.QualityModel, tokens_NxT, prompt_NxC,
+                        batch_size: int = 128) -> dict[str, dict[str, float]]:
+  """Per attribute: accuracy of the predicted value and the split's majority-class rate.
+
+  The majority rate is the share of the most frequent value in these very
+  rows: the best any constant guess could score here (a strict baseline).
+  With skewed attributes, balanced_accuracy (the mean over the values present
+  of each value's recall) is the more telling figure; any constant guess
+  scores 1 / (values present) on it, reported as balanced_chance.
+  """
+  if quality_model.predict is None:
+    raise ValueError('classifier_accuracy needs a QualityModel with predict')
+  prompt_NxC = np.asarray(prompt_NxC, np.int32)
+  predict = interface.jitted(quality_model.predict)
+  pred_NxC = in_batches(lambda t: predict(quality_model.params, t),
+                         [np.asarray(tokens_NxT, np.int32)], batch_size)
+  names = quality_model.attribute_names or tuple(f'attr{i}' for i in range(prompt_NxC.shape[1]))
+  out = {}
+  for i, name in enumerate(names):
+    values, counts = np.unique(prompt_NxC[:, i], return_counts=True)
+    hit_N = pred_NxC[:, i] == prompt_NxC[:, i]
+    recall = [np.mean(hit_N[prompt_NxC[:, i] == v]) for v in values]
+    out[name] = {'accuracy': float(np.mean(hit_N)),
+                 'majority_rate': float(counts.max() / len(prompt_NxC)),
+                 'balanced_accuracy': float(np.mean(recall)),
+                 'balanced_chance': 1.0 / len(values)}
+  return out

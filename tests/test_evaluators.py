@@ -1,0 +1,214 @@
+"""Evaluators: closed forms of the measures, chunking, and what the trained smoke models learn."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import helpers
+from configs import essen as essen_config
+from diverse_cfg import evaluators
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import specials
+from diverse_cfg.data import meta as meta_lib
+from diverse_cfg.evaluators import chunks
+from diverse_cfg.evaluators import classifier
+from diverse_cfg.evaluators import embedder as embedder_lib
+from diverse_cfg.evaluators import encoder
+from diverse_cfg.evaluators import stage
+
+S = specials.NUM_SPECIAL
+
+
+def _row(events, length, tail=()):
+  """events (+ EOS) then PAD, as a row of `length`; `tail` overwrites the end (after EOS)."""
+  row = np.full(length, specials.PAD, np.int32)
+  row[:len(events)] = events
+  row[len(events)] = specials.EOS
+  if tail:
+    row[-len(tail):] = tail
+  return row
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """Both evaluators trained on the smoke preset over the synthetic imported dataset."""
+  root = tmp_path_factory.mktemp('evaluators')
+  npz = helpers.synthetic_npz(str(root / 'arith.npz'))
+  config = helpers.smoke_config(str(root), npz)
+  devices = jax.devices()[:8]
+  runs = {name: lib.run(config, str(root / name), devices=devices, progress=False)
+          for name, lib in (('embedder', embedder_lib), ('classifier', classifier))}
+  sources, _ = meta_lib.load_dataset('imported', config.data.data_dir, npz_path=npz)
+  test = stage.split_arrays(sources['test'], ('tokens', 'prompt'))
+  return {'root': root, 'runs': runs, 'test': test,
+          'embedder': evaluators.load_embedder(str(root / 'embedder')),
+          'quality': evaluators.load_quality_model(str(root / 'classifier'))}
+
+
+# --- model-free closed forms -------------------------------------------------------------------
+
+def test_shared_ngram_fraction_closed_forms():
+  a = _row([3, 4, 5, 6], 10, tail=(5, 9))  # what follows EOS must not count
+  b = _row([3, 4, 5, 9, 9, 9], 10)
+  c = _row([10, 11, 12, 13], 10)
+  # a's bigrams (3,4) (4,5) (5,6): 2 of 3 occur in b;
+  # b's (3,4) (4,5) (5,9) (9,9) (9,9): 2 of 5 occur in a.
+  assert evaluators.shared_ngram_fraction(np.stack([[a, b]]), n=2) == pytest.approx(
+      (2 / 3 + 2 / 5) / 2)
+  assert evaluators.shared_ngram_fraction(np.stack([[a, a, a]]), n=2) == 1.0
+  assert evaluators.shared_ngram_fraction(np.stack([[a, c]]), n=2) == 0.0
+  # Means over prompts: one partial prompt, one of identical generations.
+  assert evaluators.shared_ngram_fraction(np.stack([[a, b], [c, c]]), n=2) == pytest.approx(
+      ((2 / 3 + 2 / 5) / 2 + 1) / 2)
+
+
+def test_pairwise_dissimilarity_matches_numpy():
+  emb = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
+  unit = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+  want = 1.0 - np.einsum('pkd,pld->pkl', unit, unit)
+  got = np.asarray(evaluators.pairwise_dissimilarity(jnp.asarray(emb)))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.all(np.diagonal(got, axis1=1, axis2=2) == 0)
+  # Given the tokens, the same sequence (whatever follows EOS) is at exactly 0, others unchanged.
+  tokens = np.stack([[_row([3 + p, 4 + k], 6) for k in range(5)] for p in range(3)])
+  tokens[0, 2] = _row([3, 4], 6, tail=(7,))  # = generation 0 of prompt 0 up to its EOS
+  got = np.asarray(evaluators.pairwise_dissimilarity(jnp.asarray(emb), jnp.asarray(tokens)))
+  assert got[0, 0, 2] == got[0, 2, 0] == 0.0
+  mask = np.ones_like(got, bool)
+  mask[0, 0, 2] = mask[0, 2, 0] = False
+  np.testing.assert_allclose(got[mask], want[mask], atol=1e-6)
+
+
+def test_user_embedder_plain_function_in_diversity():
+  """A parameter-free bag-of-events embedder: diversity equals its numpy closed form."""
+  vocab = 16
+
+  def bag_of_events(_, tokens_BxT):
+    counts = jnp.sum(jax.nn.one_hot(tokens_BxT, vocab) * (tokens_BxT >= S)[..., None], axis=1)
+    return counts / jnp.linalg.norm(counts, axis=-1, keepdims=True)
+
+  user = evaluators.Embedder(apply=bag_of_events, params={})
+  tokens = np.stack([[_row([3, 4, 5], 8), _row([3, 3, 6], 8), _row([7, 8], 8)],
+                     [_row([5, 5], 8), _row([5, 9], 8), _row([9, 9, 9], 8)]])
+  counts = np.stack([[np.bincount(r[r >= S], minlength=vocab) for r in p] for p in tokens])
+  unit = counts / np.linalg.norm(counts, axis=-1, keepdims=True)
+  cos = np.einsum('pkd,pld->pkl', unit, unit)
+  want = np.mean([(1 - cos[p])[~np.eye(3, dtype=bool)].mean() for p in range(2)])
+  assert float(evaluators.diversity(user, tokens)) == pytest.approx(want, abs=1e-6)
+  # The finetuning step calls apply inside its own jit.
+  inside = jax.jit(lambda p, t: user.apply(p, t))(user.params, tokens[0])
+  np.testing.assert_allclose(inside, unit[0], atol=1e-6)
+
+
+# --- chunking ----------------------------------------------------------------------------------
+
+def test_random_pairs_are_disjoint_runs_inside_the_events():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(2, 40, size=64)
+  lengths[:3] = (2, 3, 40)
+  tokens = np.stack([_row(S + np.arange(n), 48) for n in lengths])  # event id = S + position
+  first, second, valid = jax.device_get(chunks.random_pair(jax.random.key(1), tokens, 8))
+  assert valid.all()
+  for n, f, s in zip(lengths, first, second):
+    c = min(8, n // 2)
+    f, s = f[f != specials.PAD] - S, s[s != specials.PAD] - S
+    assert len(f) == len(s) == c
+    assert np.all(np.diff(f) == 1) and np.all(np.diff(s) == 1)  # contiguous runs
+    assert f[0] >= 0 and s[-1] < n and f[-1] < s[0]  # inside the events, first before second
+  again = jax.device_get(chunks.random_pair(jax.random.key(1), tokens, 8))
+  np.testing.assert_array_equal(again[0], first)  # deterministic per key
+  _, _, short = jax.device_get(chunks.random_pair(jax.random.key(1), np.stack([_row([S], 4)]), 8))
+  assert not short.any()  # one event: no pair
+
+
+# --- trained smoke models ----------------------------------------------------------------------
+
+def test_training_loss_falls_and_heldout_figures_beat_chance(trained):
+  for name in ('embedder', 'classifier'):
+    losses = [h['loss'] for h in trained['runs'][name].history if 'loss' in h]
+    assert losses[-1] < losses[0] - 0.3, (name, losses)
+  emb = json.load(open(trained['root'] / 'embedder' / stage.HELDOUT_FILE))
+  assert emb['retrieval']['top1'] > 5 * emb['retrieval']['chance']
+  cls = json.load(open(trained['root'] / 'classifier' / stage.HELDOUT_FILE))
+  for name, acc in cls['accuracy'].items():
+    assert acc['accuracy'] > acc['majority_rate'], (name, acc)
+  assert cls['quality']['own_prompts'] > cls['quality']['shuffled_prompts']
+  rows = [json.loads(l) for l in open(trained['root'] / 'embedder' / 'metrics.jsonl')]
+  assert rows[-1]['test/retrieval/top1'] == emb['retrieval']['top1']
+
+
+def test_identical_generations_have_zero_diversity(trained):
+  tokens = np.repeat(trained['test']['tokens'][:6, None], 4, axis=1)  # [P=6, K=4, T]
+  assert float(evaluators.diversity(trained['embedder'], tokens)) == 0.0
+
+
+def test_different_pieces_are_more_diverse_than_near_duplicates(trained):
+  test = trained['test']
+  # Groups of 4 pieces with 4 different prompts vs 4 copies of one piece, one event changed in each.
+  _, first = np.unique(test['prompt'][:, 0] * 100 + test['prompt'][:, 1], return_index=True)
+  assert len(first) >= 8
+  different = test['tokens'][first[:8]].reshape(2, 4, -1)
+  rng = np.random.default_rng(0)
+  dups = np.repeat(test['tokens'][first[:2], None], 4, axis=1).copy()
+  for p in range(2):
+    for k in range(4):
+      n = chunks.event_counts(dups[p, k:k + 1])[0]
+      dups[p, k, rng.integers(int(n))] = S + rng.integers(20)
+  d_real = float(evaluators.diversity(trained['embedder'], different))
+  d_dup = float(evaluators.diversity(trained['embedder'], dups))
+  assert d_real > d_dup + 0.1, (d_real, d_dup)
+
+
+def test_own_prompts_score_higher_than_shuffled(trained):
+  test, qm = trained['test'], trained['quality']
+  mean_own, per_attr_own = evaluators.quality(qm, test['tokens'], test['prompt'])
+  mean_shuf, _ = evaluators.quality(qm, test['tokens'], np.roll(test['prompt'], 1, axis=0))
+  assert per_attr_own.shape == (len(test['tokens']), 2)
+  np.testing.assert_allclose(mean_own, per_attr_own.mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(qm.quality(test['tokens'], test['prompt']), mean_own, rtol=1e-6)
+  assert float(mean_own.mean()) > float(mean_shuf.mean()) + 0.1
+
+
+def test_loaders_restore_onto_another_mesh(trained):
+  """The trained state on 8 devices and a restore onto a 2x2 (data x fsdp) mesh agree."""
+  run = trained['runs']['embedder']
+  tokens = trained['test']['tokens'][:8]
+  want = evaluators.Embedder(trained['embedder'].apply, run.state['params'])(tokens)
+  mesh = sharding_lib.make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': 2, 'tensor': 1}),
+                                jax.devices()[:4])
+  rules = (('embed', 'fsdp'), ('batch', ('data', 'fsdp')))
+  loaded = evaluators.load_embedder(str(trained['root'] / 'embedder'), mesh, rules)
+  emb_kernel = loaded.params['encoder']['embed']['embedding']
+  assert emb_kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  np.testing.assert_allclose(loaded(tokens), want, atol=1e-5)
+
+
+def test_prompt_offsets_select_each_attributes_own_classes():
+  """Per-attribute vocabularies (not shared): each attribute's probabilities sum to 1."""
+  md = meta_lib.metadata_dict(name='toy', vocab_size=12, seq_len=8, attribute_names=('a', 'b'),
+                              attribute_sizes=(3, 5), is_melody=False, split_sizes={})
+  meta = meta_lib.DatasetMeta.from_metadata(md)
+  attrs = classifier.attributes_of(meta)
+  assert attrs['num_classes'] == (3, 5) and attrs['prompt_offsets'] == (0, 3)
+  config = essen_config.get_config('smoke')
+  config.model.vocab_size = 12
+  for k, v in attrs.items():
+    config.classifier[k] = v
+  net = classifier.build_net(config)
+  params = nn.meta.unbox(encoder.init_fn(net)(jax.random.key(0)))
+  qm = classifier.make_quality_model(config, params)
+  tokens = np.stack([_row([3, 4, 5], 8), _row([7], 8)])
+  for a, (size, offset) in enumerate(zip((3, 5), (0, 3))):
+    total = 0.0
+    for v in range(size):
+      prompt = np.tile(np.array([[0, 3]]), (2, 1))
+      prompt[:, a] = offset + v
+      total += np.asarray(qm(tokens, prompt))[:, a]
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+  pred = np.asarray(qm.predict(qm.params, tokens))
+  assert np.all((pred[:, 0] >= 0) & (pred[:, 0] < 3) & (pred[:, 1] >= 3) & (pred[:, 1] < 8))

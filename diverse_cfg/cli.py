@@ -1,4 +1,4 @@
-"""`diverse-cfg STAGE --config=... --workdir=...`: the console script."""
+"""`diverse-cfg STAGE --config=... --workdir=...` (or `diverse-cfg sample ...`): the console script."""
 
 import sys
 
@@ -8,8 +8,10 @@ from absl import app
 def run():
   from diverse_cfg import main  # pylint: disable=g-import-not-at-top
   if len(sys.argv) < 2 or sys.argv[1].startswith('-'):
-    print(f'usage: diverse-cfg {{{",".join(main.STAGES)}}} --config=FILE[:preset] --workdir=DIR '
-          '[--config.a.b=v ...]', file=sys.stderr)
+    print(f'usage: diverse-cfg {{{",".join(main.PIPELINE + ("all",))}}} --config=FILE[:preset] '
+          '--workdir=DIR [--config.a.b=v ...]\n'
+          '       diverse-cfg sample --checkpoint=DIR --prompt=attr=value,... [--num_samples=N '
+          '--gamma=G --out_dir=DIR ...]', file=sys.stderr)
     sys.exit(2)
   stage = sys.argv.pop(1)
   sys.argv.insert(1, f'--stage={stage}')

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from diverse_cfg import config_lib
@@ -55,7 +56,17 @@ def load_data(config: ml_collections.ConfigDict):
     options = {'npz_path': d.npz_path}
   else:
     options = {}
-  return meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+  if jax.process_count() == 1:
+    return meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+  # Several processes: process 0 builds or imports the dataset first and the
+  # others open it after the barrier, so that no two write one directory at once.
+  # (With a data_dir local to each host, the others build their own copy then.)
+  if jax.process_index() == 0:
+    out = meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+  multihost_utils.sync_global_devices('diverse_cfg.load_data')
+  if jax.process_index() != 0:
+    out = meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+  return out
 
 
 def prepare(config: ml_collections.ConfigDict,

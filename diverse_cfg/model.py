@@ -26,7 +26,9 @@ from diverse_cfg import specials
 
 NEG_INF = -1e9  # finite "impossible": keeps p*log(p/q) at exactly 0, not NaN
 
-Cache = dict[str, jax.Array]  # {'k','v'}: [L, B, S, H, K]
+# {'k', 'v'}: one [B, H, S, K] array per layer (a tuple), or [L, B, H, S, K] with
+# scan_layers. Per-layer arrays let XLA update each in place inside the decode loop.
+Cache = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +108,14 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
-def rotary(x_BxTxHxK: jax.Array, pos_T: jax.Array, base: float) -> jax.Array:
-  half = x_BxTxHxK.shape[-1] // 2
+def rotary(x_BxHxTxK: jax.Array, pos_T: jax.Array, base: float) -> jax.Array:
+  half = x_BxHxTxK.shape[-1] // 2
   freq_K2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_TxK2 = pos_T.astype(jnp.float32)[:, None] * freq_K2[None, :]
-  sin, cos = jnp.sin(angle_TxK2)[None, :, None, :], jnp.cos(angle_TxK2)[None, :, None, :]
-  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  sin, cos = jnp.sin(angle_TxK2)[None, None], jnp.cos(angle_TxK2)[None, None]
+  x1, x2 = jnp.split(x_BxHxTxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxHxK.dtype)
+  return out.astype(x_BxHxTxK.dtype)
 
 
 class Attention(nn.Module):
@@ -124,29 +126,31 @@ class Attention(nn.Module):
     c = self.cfg
     qkv_shape = (c.d_model, c.num_heads, c.head_dim)
     proj = lambda name: _weight(self, name, qkv_shape, ('embed', 'heads', 'kv'), c)
-    q_BxTxHxK = rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('query')), pos_T, c.rope_base)
-    k_BxTxHxK = rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('key')), pos_T, c.rope_base)
-    v_BxTxHxK = jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('value'))
+    # Heads-major [B, H, T, K]: the layout the attention matmuls batch over, so
+    # neither the cache nor the chunk is transposed at every decode step.
+    q_BxHxTxK = rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_T, c.rope_base)
+    k_BxHxTxK = rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_T, c.rope_base)
+    v_BxHxTxK = jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('value'))
 
     if cache_k is None:  # full forward: attend within this chunk
-      k_BxSxHxK, v_BxSxHxK, key_pos_S = k_BxTxHxK, v_BxTxHxK, pos_T
+      k_BxHxSxK, v_BxHxSxK, key_pos_S = k_BxHxTxK, v_BxHxTxK, pos_T
     else:  # decode: write this chunk at `start`, attend over all slots
-      idx = (0, start, 0, 0)
-      k_BxSxHxK = jax.lax.dynamic_update_slice(cache_k, k_BxTxHxK.astype(cache_k.dtype), idx)
-      v_BxSxHxK = jax.lax.dynamic_update_slice(cache_v, v_BxTxHxK.astype(cache_v.dtype), idx)
-      key_pos_S = jnp.arange(cache_k.shape[1])
+      idx = (0, 0, start, 0)
+      k_BxHxSxK = jax.lax.dynamic_update_slice(cache_k, k_BxHxTxK.astype(cache_k.dtype), idx)
+      v_BxHxSxK = jax.lax.dynamic_update_slice(cache_v, v_BxHxTxK.astype(cache_v.dtype), idx)
+      key_pos_S = jnp.arange(cache_k.shape[2])
 
-    scores_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxSxHxK,
+    scores_BxHxTxS = jnp.einsum('bhtk,bhsk->bhts', q_BxHxTxK, k_BxHxSxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
     causal_TxS = key_pos_S[None, :] <= pos_T[:, None]  # also hides unwritten cache slots
     scores_BxHxTxS = jnp.where(causal_TxS[None, None], scores_BxHxTxS, NEG_INF)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(c.jnp_dtype)
-    out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', probs_BxHxTxS, v_BxSxHxK.astype(c.jnp_dtype))
+    out_BxHxTxK = jnp.einsum('bhts,bhsk->bhtk', probs_BxHxTxS, v_BxHxSxK.astype(c.jnp_dtype))
     w_out = _weight(self, 'out', (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'), c)
-    out_BxTxD = jnp.einsum('bthk,hkd->btd', out_BxTxHxK, w_out)
+    out_BxTxD = jnp.einsum('bhtk,hkd->btd', out_BxHxTxK, w_out)
     if cache_k is None:
       return out_BxTxD, None, None
-    return out_BxTxD, k_BxSxHxK, v_BxSxHxK
+    return out_BxTxD, k_BxHxSxK, v_BxHxSxK
 
 
 class GatedMLP(nn.Module):
@@ -246,7 +250,7 @@ class Decoder(nn.Module):
         if kv is not None:
           ks.append(kv[0])
           vs.append(kv[1])
-      new_cache = None if cache is None else {'k': jnp.stack(ks), 'v': jnp.stack(vs)}
+      new_cache = None if cache is None else {'k': tuple(ks), 'v': tuple(vs)}
 
     h_BxTxD = self.final_norm(carry[0])[:, -tokens_BxT.shape[1]:]
     if c.tie_embeddings:
@@ -261,11 +265,20 @@ class Decoder(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> Cache:
-  shape = (cfg.num_layers, batch, cfg.max_positions, cfg.num_heads, cfg.head_dim)
-  return {'k': jnp.zeros(shape, cfg.jnp_dtype), 'v': jnp.zeros(shape, cfg.jnp_dtype)}
+  shape = (batch, cfg.num_heads, cfg.max_positions, cfg.head_dim)
+  if cfg.scan_layers:
+    zeros = jnp.zeros((cfg.num_layers,) + shape, cfg.jnp_dtype)
+    return {'k': zeros, 'v': zeros}
+  zeros = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
+  return {'k': zeros, 'v': zeros}
 
 
-CACHE_AXES = ('layers', 'batch', 'cache_len', 'heads', 'kv')
+CACHE_AXES = ('layers', 'batch', 'heads', 'cache_len', 'kv')
+
+
+def cache_axes(cache: Cache) -> Any:
+  """Logical axis names for every array of a cache (with or without the layer axis)."""
+  return jax.tree.map(lambda x: CACHE_AXES[-x.ndim:], cache)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array):

@@ -79,7 +79,7 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   null_R = jnp.arange(rows) >= batch  # uncond rows only in the guided half
   bos_Rx1 = jnp.full((rows, 1), specials.BOS, jnp.int32)
   cache = model_lib.init_cache(cfg, rows)
-  cache = nn.with_logical_constraint(cache, {'k': model_lib.CACHE_AXES, 'v': model_lib.CACHE_AXES})
+  cache = nn.with_logical_constraint(cache, model_lib.cache_axes(cache))
   logits_RxV, cache = model_lib.step(cfg, params, bos_Rx1, cache, 0, prompt_RxC, null_R)
 
   def dist(logits_RxV):

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 
 from diverse_cfg import config_lib
 
@@ -97,3 +98,36 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh, rules, *args) -> Any:
   shardings = logical_to_shardings(abstract, mesh, rules)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       nn.meta.unbox(abstract), shardings)
+
+
+def to_host(x: Any) -> np.ndarray:
+  """The whole value of an array as numpy, on every process.
+
+  A global array spread over several processes cannot be read by one of them
+  (np.asarray fails): it is all-gathered, a collective every process must call.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def to_global(tree: Any, shardings: Any) -> Any:
+  """Arrays laid out as `shardings` (a tree like `tree`, or one sharding for all).
+
+  For values every process holds whole (e.g. a frozen evaluator restored onto
+  each process's first device): jit refuses such arrays as global arguments
+  and CPU backends cannot move them across hosts, so each process builds its
+  own shards of the global array from its host copy.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    host = to_host(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree, shardings)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -106,6 +107,20 @@ class Preemption:
   def _handle(self, signum, frame):
     log.warning('SIGTERM received: checkpointing at the current step, then exiting')
     self.requested = True
+
+  def stop_now(self, step: int, every: int) -> bool:
+    """Whether to checkpoint and stop after `step`.
+
+    With several processes all must decide alike: SIGTERM reaches a pod's hosts
+    at different moments, and one process stopping alone would leave the others
+    blocked in the next collective. So the flags are all-gathered, every `every`
+    steps (a host sync the metrics flush does there anyway).
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def restore(self) -> None:
     if self._previous is not None:
@@ -204,7 +219,8 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
     window_start, window_steps = time.perf_counter(), 0
 
   try:
-    while step < t.num_steps and not preempt.requested:
+    stop = False
+    while step < t.num_steps and not stop:
       batch = next(task.batches) if task.batches is not None else None
       state, metrics = step_fn(state, batch, jnp.int32(step), *frozen_args)
       step += 1
@@ -219,7 +235,8 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
         writer.write(step, ev)
         history.append({'step': step, **ev})
         window_start = time.perf_counter()  # evaluation time is not training throughput
-      if step % t.ckpt_every == 0 or step == t.num_steps or preempt.requested:
+      stop = preempt.stop_now(step, t.log_every)
+      if step % t.ckpt_every == 0 or step == t.num_steps or stop:
         flush()  # never save a state whose step reported non-finite values
         ckpt.save(step, state, config, task.batches, extra={'task': task.name}, force=True)
         window_start = time.perf_counter()  # the save's blocking part is not step time
@@ -229,7 +246,7 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
     ckpt.close()  # waits for pending async saves
     writer.close()
     preempt.restore()
-  return RunResult(step=step, state=state, history=history, preempted=preempt.requested)
+  return RunResult(step=step, state=state, history=history, preempted=stop)
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT) -> tuple[jax.Array, jax.Array]:

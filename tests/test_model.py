@@ -167,7 +167,7 @@ def test_gamma_one_gives_student_tokens_and_top_k_one_is_greedy():
     tok_s, lp_s = sampler.sample(params, prompt, key, temperature=0.9)
     tok_t, lp_t = sampler.sample_cfg(params, prompt, key, gamma=1.0, temperature=0.9)
     np.testing.assert_array_equal(tok_s, tok_t)
-    np.testing.assert_allclose(lp_s, lp_t, atol=1e-6)
+    np.testing.assert_allclose(lp_s, lp_t, atol=1e-5)
   # top_k = 1: every draw is the argmax, so any key gives the same tokens, log-prob 0.
   g1, lp1 = sampler.sample_cfg(params, prompt, jax.random.key(0), gamma=3.0, top_k=1)
   g2, _ = sampler.sample_cfg(params, prompt, jax.random.key(9), gamma=3.0, top_k=1)

@@ -1,11 +1,13 @@
 """Grain input pipelines that yield global, sharded jax.Arrays.
 
-Training: one global example stream (shuffle per epoch, then repeat), which
-process p reads at positions p, p + P, p + 2P, ... (P = process count). Local
-batch b of every process therefore comes from global positions
-[b * G, (b + 1) * G) (G = global batch): the set of examples in a global batch
-does not depend on how many processes read it. Each process turns its local
-batch into its rows of the global array with make_array_from_process_local_data.
+Training: one global example stream (shuffle per epoch, then repeat), cut into
+global batches of G consecutive positions. Of global batch b, process p reads
+the block [b * G + p * L, b * G + (p + 1) * L) (P = process count, L = G / P)
+and turns it into its rows of the global array with
+make_array_from_process_local_data. A global batch is therefore the same rows
+in the same order however many processes read it, so a run on P hosts sees
+exactly the data of a run on one (row-dependent randomness such as prompt
+dropout included).
 
 The iterator is a grain DatasetIterator, so its position is a small JSON state
 (get_state / set_state) and grain.checkpoint.CheckpointSave/Restore (Orbax) can
@@ -87,9 +89,11 @@ def make_train_dataset(source, global_batch_size: int, seed: int, *,
   if num_epochs is not None:
     # Whole global batches only, so every process yields the same count.
     ds = ds[:len(ds) // global_batch_size * global_batch_size]
-  ds = ds[process_index::process_count]
   ds = ds.map(_SelectKeys(keys or numeric_keys(source)))
-  return ds.batch(local_batch_size, drop_remainder=True)
+  # Blocks of L consecutive positions; block j belongs to process j mod P. Lazy:
+  # a process reads only its own blocks.
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds[process_index::process_count]
 
 
 def make_train_iterator(source, global_batch_size: int, seed: int, sharding, *,

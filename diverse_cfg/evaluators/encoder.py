@@ -117,20 +117,20 @@ class EncoderAttention(nn.Module):
     pos_T = jnp.arange(x_BxTxD.shape[1])
     proj = lambda n: _kernel(self, n, (c.d_model, c.num_heads, c.head_dim),
                              ('embed', 'heads', 'kv'), c.jnp_dtype)
-    q_BxTxHxK = model_lib.rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('query')), pos_T,
+    q_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_T,
                                  c.rope_base)
-    k_BxTxHxK = model_lib.rotary(jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('key')), pos_T,
+    k_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_T,
                                  c.rope_base)
-    v_BxTxHxK = jnp.einsum('btd,dhk->bthk', x_BxTxD, proj('value'))
-    scores_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxTxHxK,
+    v_BxHxTxK = jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('value'))
+    scores_BxHxTxS = jnp.einsum('bhtk,bhsk->bhts', q_BxHxTxK, k_BxHxTxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
     # Padding keys are hidden; a row with no events attends uniformly (finite, then unused).
     scores_BxHxTxS = jnp.where(mask_BxT[:, None, None, :], scores_BxHxTxS, model_lib.NEG_INF)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(c.jnp_dtype)
-    out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', probs_BxHxTxS, v_BxTxHxK)
+    out_BxHxTxK = jnp.einsum('bhts,bhsk->bhtk', probs_BxHxTxS, v_BxHxTxK)
     w_out = _kernel(self, 'out', (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'),
                     c.jnp_dtype)
-    return jnp.einsum('bthk,hkd->btd', out_BxTxHxK, w_out)
+    return jnp.einsum('bhtk,hkd->btd', out_BxHxTxK, w_out)
 
 
 class EncoderMLP(nn.Module):

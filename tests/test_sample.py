@@ -1,0 +1,115 @@
+"""Sampling from checkpoints: any mesh in, the same params and samples out; the CLI's files."""
+
+import json
+import os
+import subprocess
+import sys
+import wave
+
+import jax
+import numpy as np
+import pytest
+
+from configs import essen as essen_config
+from diverse_cfg import pretrain
+from diverse_cfg import sample
+from diverse_cfg import sharding as sharding_lib
+from diverse_cfg.data import melody
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ('region=germany,meter=3/4,mode=major', 'region=china,meter=2/4,mode=minor')
+
+
+@pytest.fixture(scope='module')
+def base_ckpt(tmp_path_factory):
+  """A 2-step melody model (a small Essen subset) saved from an fsdp = 8 mesh."""
+  root = tmp_path_factory.mktemp('sample')
+  c = essen_config.get_config('smoke')
+  c.data.data_dir = str(root / 'data')
+  c.data.max_tunes = 40  # one file, a few seconds to parse
+  c.train.num_steps = c.train.eval_every = c.train.ckpt_every = c.train.log_every = 2
+  c.train.eval_batches = 1
+  pretrain.run(c, str(root / 'run' / 'pretrain'), devices=jax.devices()[:8], progress=False)
+  return str(root / 'run' / 'pretrain')
+
+
+def test_checkpoint_lands_on_other_meshes_with_identical_params_and_samples(base_ckpt):
+  models = {'fsdp8': sample.load(base_ckpt, devices=jax.devices()[:8]),
+            'fsdp4_tensor2': sample.load(base_ckpt, devices=jax.devices()[:8], mesh='1,4,2'),
+            'one_device': sample.load(base_ckpt, devices=jax.devices()[:1])}
+  assert {n: dict(m.mesh.shape) for n, m in models.items()} == {
+      'fsdp8': {'data': 1, 'fsdp': 8, 'tensor': 1},
+      'fsdp4_tensor2': {'data': 1, 'fsdp': 4, 'tensor': 2},
+      'one_device': {'data': 1, 'fsdp': 1, 'tensor': 1}}
+  # Really laid out differently: the MLP kernel [embed=32, mlp=64] is cut into other pieces.
+  up = lambda m: m.params['layer_0']['mlp']['up']['kernel']
+  assert {n: up(m).sharding.shard_shape(up(m).shape) for n, m in models.items()} == {
+      'fsdp8': (4, 64), 'fsdp4_tensor2': (8, 32), 'one_device': (32, 64)}
+
+  ref = models['fsdp8']
+  prompts_PxC = sample.encode_prompts(ref.meta, PROMPTS)
+  tokens, logprobs = sample.generate(ref, prompts_PxC, 4, seed=3)
+  for name, m in models.items():
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(sharding_lib.to_host(a),
+                                                           sharding_lib.to_host(b)),
+                 m.params, ref.params)
+    got_tokens, got_logprobs = sample.generate(m, prompts_PxC, 4, seed=3)
+    np.testing.assert_array_equal(got_tokens, tokens, err_msg=name)
+    np.testing.assert_allclose(got_logprobs, logprobs, atol=1e-4)
+  # 2 x 3 rows are padded to 8 on the fsdp = 8 mesh and not at all on one device:
+  # the padding changes nothing.
+  np.testing.assert_array_equal(sample.generate(ref, prompts_PxC, 3, seed=5)[0],
+                                sample.generate(models['one_device'], prompts_PxC, 3, seed=5)[0])
+
+
+def test_sample_cli_writes_tokens_midi_wav_and_piano_rolls(base_ckpt, tmp_path):
+  out = tmp_path / 'samples'
+  script = os.path.join(os.path.dirname(sys.executable), 'diverse-cfg')
+  cmd = ([script, 'sample'] if os.path.exists(script)
+         else [sys.executable, '-m', 'diverse_cfg.main', '--stage=sample'])
+  proc = subprocess.run(cmd + [f'--checkpoint={base_ckpt}', *[f'--prompt={p}' for p in PROMPTS],
+                               '--num_samples=2', '--gamma=2', '--top_k=20', f'--out_dir={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / 'samples.json') as f:
+    written = json.load(f)
+  assert written['settings']['guided'] and written['settings']['gamma'] == 2.0
+  tokens_PxKxT = np.load(out / 'tokens.npy')
+  assert tokens_PxKxT.shape == (2, 2, 64)
+  assert len(written['samples']) == 4
+  for entry in written['samples']:
+    p, k = PROMPTS.index(','.join(f'{a}={v}' for a, v in entry['prompt'].items())), entry['sample']
+    row_T = tokens_PxKxT[p, k]
+    assert entry['tokens'] == row_T[:entry['num_tokens']].tolist()
+    assert not row_T[entry['num_tokens']:].any()  # PAD after the sequence
+    for ext in ('mid', 'wav', 'png'):
+      assert entry['files'][ext] == f'p{p}_s{k}.{ext}' and (out / entry['files'][ext]).stat().st_size
+    assert (out / entry['files']['mid']).read_bytes()[:4] == b'MThd'
+    assert (out / entry['files']['png']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # The audio lasts as long as the melody's events (plus the synth's 0.25 s tail).
+    quarters = sum(float(d) for _, d in melody.tokens_to_events(row_T))
+    with wave.open(str(out / entry['files']['wav'])) as w:
+      seconds = w.getnframes() / w.getframerate()
+    assert abs(seconds - (quarters * 60 / melody.DEFAULT_TEMPO_QPM + 0.25)) < 0.01
+
+
+def test_unknown_prompt_values_are_rejected_with_the_valid_ones(base_ckpt):
+  with pytest.raises(sample.SampleArgumentError) as info:
+    sample.run(base_ckpt, ['region=atlantis,meter=3/4,mode=major'],
+               devices=jax.devices()[:1])
+  message = str(info.value)
+  assert "unknown value 'atlantis' for attribute 'region'" in message
+  assert all(name in message for name in ('germany', 'china', 'alpine', '6/8', 'dorian'))
+  with pytest.raises(sample.SampleArgumentError, match="missing \\['mode'\\]"):
+    sample.run(base_ckpt, ['region=germany,meter=3/4'], devices=jax.devices()[:1])
+  with pytest.raises(sample.SampleArgumentError, match='attribute=value pairs'):
+    sample.run(base_ckpt, ['germany'], devices=jax.devices()[:1])
+
+
+def test_merging_on_the_fly_restores_both_and_interpolates(base_ckpt):
+  alone = sample.load(base_ckpt, devices=jax.devices()[:1]).params
+  merged = sample.load(base_ckpt, merge_with=os.path.join(base_ckpt, 'checkpoints'),
+                       merge_lambda=0.5, devices=jax.devices()[:1]).params
+  jax.tree.map(np.testing.assert_array_equal, merged, alone)  # 0.5 a + 0.5 a == a exactly
+  with pytest.raises(sample.SampleArgumentError, match='merge_lambda'):
+    sample.load(base_ckpt, merge_with=base_ckpt, merge_lambda=1.5, devices=jax.devices()[:1])

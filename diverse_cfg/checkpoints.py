@@ -92,7 +92,9 @@ class Checkpointer:
     return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: dict[str, Any], data_iter=None) -> dict[str, Any]:
-    for name, value in abstract_state.items():
+    # params first: a mismatch is reported on a parameter, not on its optimiser moments.
+    for name in sorted(abstract_state, key=lambda n: n != 'params'):
+      value = abstract_state[name]
       check_shapes(os.path.join(self.directory, str(step), name), value, name)
     items = {name: ocp.args.StandardRestore(value) for name, value in abstract_state.items()}
     if data_iter is not None:

@@ -65,24 +65,17 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_files = 0  # Essen builder subset for smoke runs; 0 = all
   d.max_tunes = 0
 
-  c.train = t = ml_collections.ConfigDict()  # base-model pretraining
-  t.batch_size = 32  # global
-  t.num_steps = 2000
-  t.lr = 1e-3
-  t.warmup_steps = 100
-  t.min_lr_ratio = 0.1  # cosine decays to lr * this
-  t.weight_decay = 0.1
-  t.b1 = 0.9
-  t.b2 = 0.95
-  t.grad_clip = 1.0
-  t.log_every = 20
-  t.eval_every = 200
-  t.eval_batches = 8  # validation batches per evaluation; 0 = whole split
-  t.ckpt_every = 200
-  t.keep = 3
-  t.peak_flops = 150e9  # per device, for MFU (measured 2048^2 f32 matmul here)
+  # Base-model pretraining.
+  c.train = _loop_section(batch_size=32, num_steps=2000, lr=1e-3, warmup_steps=100,
+                          min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, log_every=20,
+                          eval_every=200, eval_batches=8, ckpt_every=200, keep=3)
 
-  c.finetune = f = ml_collections.ConfigDict()  # CFG distillation + diversity reward
+  # CFG distillation + diversity reward. batch_size = prompts per step (P); each step samples
+  # P * k sequences. eval_batches is unused (the evaluation uses eval_prompts).
+  c.finetune = f = _loop_section(batch_size=8, num_steps=300, lr=1e-4, warmup_steps=10,
+                                 min_lr_ratio=1.0, weight_decay=0.0, b1=0.9, b2=0.99,
+                                 log_every=10, eval_every=100, eval_batches=0, ckpt_every=100,
+                                 keep=2)
   f.betas = (0.0, 8.0)  # one student per beta: beta = 0 (quality) and beta > 0 (diversity)
   f.teacher_gamma = 3.0  # the frozen base model with CFG at this strength is the teacher
   f.kl = 'student_teacher'  # KL(student || teacher) (paper) | 'teacher_student'
@@ -90,21 +83,6 @@ def base_config() -> ml_collections.ConfigDict:
   f.temperature = 1.0  # student sampling temperature during finetuning (1 = on-policy)
   f.eval_prompts = 32  # held-out prompts for the periodic quality/diversity evaluation
   f.eval_k = 4
-  f.batch_size = 8  # prompts per step (P); the step samples P * k sequences
-  f.num_steps = 300
-  f.lr = 1e-4
-  f.warmup_steps = 10
-  f.min_lr_ratio = 1.0  # constant after warmup
-  f.weight_decay = 0.0
-  f.b1 = 0.9
-  f.b2 = 0.99
-  f.grad_clip = 1.0
-  f.log_every = 10
-  f.eval_every = 100
-  f.eval_batches = 0  # unused (evaluation uses eval_prompts)
-  f.ckpt_every = 100
-  f.keep = 2
-  f.peak_flops = 150e9
 
   c.evaluate = e = ml_collections.ConfigDict()  # the quality/diversity comparison
   e.gammas = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)  # CFG sweep on the base model
@@ -138,30 +116,33 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 
+def _loop_section(*, batch_size, num_steps, lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2,
+                  log_every, eval_every, eval_batches, ckpt_every, keep, grad_clip=1.0,
+                  peak_flops=150e9) -> ml_collections.ConfigDict:
+  """The optimiser and loop fields every training stage has (training.run reads them).
+
+  batch_size is global; the schedule is linear warmup then cosine decay to
+  lr * min_lr_ratio; eval_batches = 0 means the whole validation split;
+  peak_flops is per device, for MFU (default: a 2048^2 f32 matmul measured here).
+  """
+  return ml_collections.ConfigDict(dict(
+      batch_size=batch_size, num_steps=num_steps, lr=lr, warmup_steps=warmup_steps,
+      min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,
+      log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+      ckpt_every=ckpt_every, keep=keep, peak_flops=peak_flops))
+
+
 def _evaluator_section() -> ml_collections.ConfigDict:
-  """Encoder sizes + the same training fields as `train` (one optimiser per evaluator)."""
-  s = ml_collections.ConfigDict()
+  """Encoder sizes + the loop fields (one optimiser per evaluator)."""
+  s = _loop_section(batch_size=64, num_steps=1000, lr=1e-3, warmup_steps=50, min_lr_ratio=0.1,
+                    weight_decay=0.05, b1=0.9, b2=0.98, log_every=20, eval_every=250,
+                    eval_batches=0, ckpt_every=250, keep=2)
   s.num_layers = 2
   s.d_model = 64
   s.num_heads = 4
   s.mlp_dim = 256
   s.dtype = 'float32'
   s.rope_base = 10_000.0
-  s.batch_size = 64  # global
-  s.num_steps = 1000
-  s.lr = 1e-3
-  s.warmup_steps = 50
-  s.min_lr_ratio = 0.1
-  s.weight_decay = 0.05
-  s.b1 = 0.9
-  s.b2 = 0.98
-  s.grad_clip = 1.0
-  s.log_every = 20
-  s.eval_every = 250
-  s.eval_batches = 0  # validation rows = eval_batches * batch_size; 0 = whole split
-  s.ckpt_every = 250
-  s.keep = 2
-  s.peak_flops = 150e9
   return s
 
 _DTYPES = ('float32', 'bfloat16')
@@ -302,8 +283,8 @@ def validate_mesh(ms: ml_collections.ConfigDict, num_devices: int) -> None:
   for a, n in sizes.items():
     _require(n == -1 or n >= 1, f'mesh.{a}', 'must be >= 1 or -1', n)
   free = [a for a, n in sizes.items() if n == -1]
-  _require(len(free) <= 1, f'mesh.{free[-1] if free else "data"}',
-           'at most one mesh axis may be -1', -1)
+  _require(len(free) <= 1, 'mesh', f'at most one mesh axis may be -1 ({" and ".join(free)} are)',
+           dict(sizes))
   fixed = _fixed_product(ms)
   if free:
     _require(num_devices % fixed == 0, f'mesh.{free[0]}',

@@ -46,10 +46,7 @@ def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int):
 
 
 def init_state_fn(cfg: model_lib.ModelConfig, tx):
-  def init_state(key):
-    params = model_lib.init_params(cfg, key)
-    return {'params': params, 'opt_state': tx.init(params)}
-  return init_state
+  return training.init_state_fn(functools.partial(model_lib.init_params, cfg), tx)
 
 
 def make_task(exp: experiment_lib.Experiment) -> training.Task:

@@ -177,8 +177,9 @@ def encode_prompts(meta, texts: Sequence[str]) -> np.ndarray:
                               f'their values: {describe_prompts(meta)}')
   out = []
   for text in texts:
+    values = parse_prompt(text)  # its errors already name the --prompt
     try:
-      out.append(meta.encode_prompt(parse_prompt(text)))
+      out.append(meta.encode_prompt(values))
     except ValueError as e:  # DatasetMeta names the bad attribute or value
       raise SampleArgumentError(f'--prompt={text!r}: {e}. All attributes and their values: '
                                 f'{describe_prompts(meta)}') from e

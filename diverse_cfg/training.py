@@ -51,6 +51,14 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
   return tx, schedule
 
 
+def init_state_fn(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
+  """key -> {'params', 'opt_state'}; the optimiser state inherits the params' logical names."""
+  def init_state(key):
+    params = init_params(key)
+    return {'params': params, 'opt_state': tx.init(params)}
+  return init_state
+
+
 def apply_gradients(tx, state: dict, grads, finite) -> dict:
   """One optimiser update, skipped (state kept) when `finite` is False."""
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])

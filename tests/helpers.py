@@ -2,23 +2,11 @@
 
 import os
 
-import numpy as np
-
 from configs import essen as essen_config
+from diverse_cfg.data import synthetic
 
 
-def synthetic_npz(path: str, n: int = 384, seq_len: int = 24, num_values: int = 4,
-                  vocab: int = 20, seed: int = 0) -> str:
-  """Rows whose events are an arithmetic sequence fixed by the 2-attribute prompt."""
-  rng = np.random.default_rng(seed)
-  prompts = rng.integers(0, num_values, (n, 2))
-  tokens = np.full((n, seq_len), -1)
-  for i, (a, b) in enumerate(prompts):
-    length = rng.integers(8, seq_len)
-    tokens[i, :length] = (a * 5 + b + np.arange(length) * (a + 1)) % vocab
-  np.savez(path, tokens=tokens, prompts=prompts, vocab_size=vocab, prompt_vocab_size=num_values,
-           pad_id=-1)
-  return path
+synthetic_npz = synthetic.arithmetic_npz  # rows fixed by a 2-attribute prompt
 
 
 def smoke_config(tmp_dir: str, npz_path: str, **train):

@@ -1,7 +1,6 @@
 """Finetuning on a tiny problem: beta = 0 distils the CFG teacher; beta > 0 adds diversity."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,18 +8,9 @@ import helpers
 from diverse_cfg import finetune
 from diverse_cfg import merge
 from diverse_cfg import pretrain
-from diverse_cfg import specials
-from diverse_cfg.evaluators import interface
+from diverse_cfg.evaluators import baselines
 
 VOCAB = 23  # the synthetic dataset's 20 events + 3 specials
-
-
-def bag_of_events(params, tokens_BxT):
-  """A parameter-free user embedder: the normalised histogram of a sequence's events."""
-  del params
-  before_eos = jnp.cumsum(tokens_BxT == specials.EOS, axis=1) == 0
-  counts = jnp.sum(jax.nn.one_hot(tokens_BxT, VOCAB) * before_eos[..., None], axis=1)
-  return counts / jnp.maximum(jnp.linalg.norm(counts, axis=-1, keepdims=True), 1e-6)
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +32,7 @@ def base_run(tmp_path_factory):
 
 def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
   config, workdir = base_run
-  embedder = interface.Embedder(bag_of_events)
+  embedder = baselines.bag_of_events(VOCAB)  # a parameter-free user embedder
   results = finetune.run(config, workdir, embedder, betas=(0.0, 20.0), devices=jax.devices()[:8],
                          progress=False)
   kl0 = [h['kl'] for h in results[0.0].history if 'kl' in h]

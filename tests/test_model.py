@@ -256,7 +256,7 @@ def test_valid_config_passes():
 @pytest.mark.parametrize('changes,field', [
     (dict(mesh__fsdp=3), 'config.mesh'),
     (dict(mesh__data=4, mesh__fsdp=4), 'mesh'),
-    (dict(mesh__data=-1, mesh__fsdp=-1), 'mesh.'),
+    (dict(mesh__data=-1, mesh__fsdp=-1), '(data and fsdp are)'),
     (dict(model__num_heads=5), 'model.num_heads'),
     (dict(model__d_model=20, model__num_heads=4), 'model.num_heads'),  # odd head dim: no rotary
     (dict(sampling__gamma=-0.5), 'sampling.gamma'),

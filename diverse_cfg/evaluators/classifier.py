@@ -101,11 +101,7 @@ def make_task(exp: experiment_lib.Experiment) -> training.Task:
   net = build_net(config)
   offsets, names = tuple(cl.prompt_offsets), tuple(cl.attribute_names)
   tx, schedule = training.make_optimizer(cl)
-  init_params = encoder.init_fn(net)
-
-  def init_state(key):
-    params = init_params(key)
-    return {'params': params, 'opt_state': tx.init(params)}
+  init_state = training.init_state_fn(encoder.init_fn(net), tx)
 
   def train_step(state, batch, step):
     labels_BxA = labels_of(batch['prompt'], offsets, net.num_classes)

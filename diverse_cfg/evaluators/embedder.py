@@ -76,11 +76,7 @@ def make_task(exp: experiment_lib.Experiment) -> training.Task:
   config, e = exp.config, exp.config.embedder
   net = build_net(config)
   tx, schedule = training.make_optimizer(e)
-  init_params = encoder.init_fn(net)
-
-  def init_state(key):
-    params = init_params(key)
-    return {'params': params, 'opt_state': tx.init(params)}
+  init_state = training.init_state_fn(encoder.init_fn(net), tx)
 
   def train_step(state, batch, step):
     key = jax.random.fold_in(jax.random.key(config.seed), step)

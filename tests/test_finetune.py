@@ -1,5 +1,7 @@
 """Finetuning on a tiny problem: beta = 0 distils the CFG teacher; beta > 0 adds diversity."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import helpers
 from diverse_cfg import finetune
 from diverse_cfg import merge
 from diverse_cfg import pretrain
+from diverse_cfg.data import pipeline
 from diverse_cfg.evaluators import baselines
 
 VOCAB = 23  # the synthetic dataset's 20 events + 3 specials
@@ -48,3 +51,40 @@ def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
   jax.tree.map(np.testing.assert_array_equal, merge.merge_params(pq, pd, 1.0), pd)
   mid = merge.merge_params(pq, pd, 0.5)
   jax.tree.map(lambda m, a, b: np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6), mid, pq, pd)
+
+
+def test_sigterm_during_finetuning_then_relaunch_equals_uninterrupted(base_run, tmp_path,
+                                                                      monkeypatch):
+  """A preempted student saves at the current step; relaunched, it ends bit-identical."""
+  config, workdir = base_run
+  config = config.copy_and_resolve_references()
+  config.finetune.num_steps = 12
+  config.finetune.eval_every = 12
+  runs = {}
+  for name in ('reference', 'preempted'):
+    os.makedirs(tmp_path / name)
+    os.symlink(os.path.join(workdir, 'pretrain'), tmp_path / name / 'pretrain')
+  embedder = baselines.bag_of_events(VOCAB)
+  run = lambda name: finetune.run(config, str(tmp_path / name), embedder, betas=(8.0,),
+                                  devices=jax.devices()[:8], progress=False)[8.0]
+  reference = run('reference')
+  helpers.sigterm_on_batch(monkeypatch, pipeline, 5)
+  interrupted = run('preempted')
+  assert interrupted.preempted and interrupted.step == 5
+  monkeypatch.undo()
+  resumed = run('preempted')
+  assert resumed.step == 12 and not resumed.preempted
+  jax.tree.map(np.testing.assert_array_equal, resumed.state, reference.state)
+
+
+def test_merge_refuses_different_architectures(base_run):
+  config, _ = base_run
+  other = config.copy_and_resolve_references()
+  other.model.d_model = 64
+  with pytest.raises(merge.ArchitectureMismatch, match=r"d_model.*\(32, 64\)"):
+    merge.check_same_architecture(config, other, 'a', 'b')
+  a = {'w': np.zeros((2, 3), np.float32)}
+  with pytest.raises(merge.ArchitectureMismatch, match=r'shapes \(2, 3\) and \(3, 2\)'):
+    merge.merge_params(a, {'w': np.zeros((3, 2), np.float32)}, 0.5)
+  with pytest.raises(merge.ArchitectureMismatch, match='different structure'):
+    merge.merge_params(a, {'v': np.zeros((2, 3), np.float32)}, 0.5)

@@ -1,7 +1,6 @@
 """Pretraining: the loss falls, checkpoints are written, runs resume exactly."""
 
 import os
-import signal
 
 import jax
 import numpy as np
@@ -45,25 +44,11 @@ def test_sigterm_then_relaunch_equals_uninterrupted_run(tmp_path, npz, monkeypat
   """A preempted run saves at the current step; the relaunch ends bit-identical."""
   reference = _run(tmp_path, npz, 'reference', num_steps=20)
 
-  real = pipeline.make_train_iterator
-
-  def preempting_iterator(*args, **kwargs):
-    it = real(*args, **kwargs)
-    class Wrapped(type(it)):  # the same iterator, but SIGTERMs us on its 7th batch
-      count = 0
-      def __next__(self):
-        Wrapped.count += 1
-        if Wrapped.count == 7:
-          os.kill(os.getpid(), signal.SIGTERM)
-        return super().__next__()
-    it.__class__ = Wrapped
-    return it
-
-  monkeypatch.setattr(pipeline, 'make_train_iterator', preempting_iterator)
+  helpers.sigterm_on_batch(monkeypatch, pipeline, 7)
   interrupted = _run(tmp_path, npz, 'preempted', num_steps=20)
   assert interrupted.preempted and interrupted.step == 7
   assert sorted(os.listdir(tmp_path / 'preempted' / 'checkpoints')) == ['7']
-  monkeypatch.setattr(pipeline, 'make_train_iterator', real)
+  monkeypatch.undo()
   resumed = _run(tmp_path, npz, 'preempted', num_steps=20)
   assert resumed.step == 20 and not resumed.preempted
   jax.tree.map(np.testing.assert_array_equal, resumed.state, reference.state)

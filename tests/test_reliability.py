@@ -90,7 +90,6 @@ def _steps_done(workdir):
     return max([json.loads(line)['step'] for line in f if line.strip()] or [0])
 
 
-@pytest.mark.slow
 def test_sigkill_at_arbitrary_moments_never_prevents_resuming(tmp_path, npz):
   """Kill a real training process (often mid async save) several times; it still finishes
   with the same parameters as an uninterrupted run."""

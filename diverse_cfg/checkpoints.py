@@ -66,8 +66,12 @@ def check_shapes(item_dir: str, abstract: Any, what: str) -> None:
 
 
 def _manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         enable_async_checkpointing=True, read_only=read_only)
+  if read_only:  # the values Orbax would otherwise force, with a warning each
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,
+                                           read_only=True)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

@@ -76,7 +76,7 @@ def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:
   return tokens.reshape(len(prompts_PxC), k, -1), seconds
 
 
-def measure_system(sample_fn, prompts_PxC, k, embedder, quality_model, key, mesh=None,
+def measure_system(sample_fn, prompts_PxC, k, embedder, quality_model, key,
                    ngram: int = 4) -> dict[str, float]:
   """The periodic finetuning evaluation: sample, then score (prefixed eval/)."""
   tokens, _ = sample_k(sample_fn, prompts_PxC, k, key)

@@ -153,8 +153,7 @@ def run(config, workdir: str, embedder, quality_model=None, devices=None, progre
     def evaluate_fn(state, step):
       return evaluate_lib.measure_system(
           lambda p, key: sampler.sample(state['params'], p, key), prompts, f.eval_k, embedder,
-          quality_model, jax.random.key(exp.config.seed + 7), exp.mesh,
-          ngram=exp.config.evaluate.ngram)
+          quality_model, jax.random.key(exp.config.seed + 7), ngram=exp.config.evaluate.ngram)
     task = make_task(exp, workdir, float(beta), embedder, evaluate_fn)
     results[beta] = training.run(task, f, exp.config, student_dir(workdir, float(beta)), exp.mesh,
                                  exp.rules, progress=progress)

@@ -60,7 +60,6 @@ def test_sigterm_during_finetuning_then_relaunch_equals_uninterrupted(base_run, 
   config = config.copy_and_resolve_references()
   config.finetune.num_steps = 12
   config.finetune.eval_every = 12
-  runs = {}
   for name in ('reference', 'preempted'):
     os.makedirs(tmp_path / name)
     os.symlink(os.path.join(workdir, 'pretrain'), tmp_path / name / 'pretrain')

@@ -1,6 +1,5 @@
 """KL directions, leave-one-out advantages and the policy-gradient estimator, exactly."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

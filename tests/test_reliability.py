@@ -93,7 +93,7 @@ def _steps_done(workdir):
 def test_sigkill_at_arbitrary_moments_never_prevents_resuming(tmp_path, npz):
   """Kill a real training process (often mid async save) several times; it still finishes
   with the same parameters as an uninterrupted run."""
-  args = [f'--config.data.name=imported', f'--config.data.npz_path={npz}',
+  args = ['--config.data.name=imported', f'--config.data.npz_path={npz}',
           f'--config.data.data_dir={tmp_path / "data"}', '--config.train.num_steps=24',
           '--config.train.ckpt_every=1', '--config.train.keep=2', '--config.train.log_every=1',
           '--config.train.eval_every=1000']

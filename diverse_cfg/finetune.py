@@ -45,10 +45,8 @@ def restore_model_params(ckpt_dir: str, cfg: model_lib.ModelConfig, mesh, rules)
   """A model checkpoint's params onto this mesh, checking the architecture first."""
   saved = model_lib.ModelConfig.from_config(checkpoints.read_config(ckpt_dir).model)
   if saved != cfg:
-    diff = {f: (getattr(saved, f), getattr(cfg, f)) for f in cfg.__dataclass_fields__
-            if getattr(saved, f) != getattr(cfg, f)}
-    raise checkpoints.CheckpointError(
-        f'{ckpt_dir} holds a different architecture (saved vs configured): {diff}')
+    raise checkpoints.CheckpointError(f'{ckpt_dir} holds a different architecture (saved vs '
+                                      f'configured): {saved.differences(cfg)}')
   abstract = sharding_lib.abstract_sharded(functools.partial(model_lib.init_params, cfg), mesh,
                                            rules, jax.random.key(0))
   return checkpoints.restore_params(ckpt_dir, abstract), jax.tree.map(lambda a: a.sharding, abstract)

@@ -29,10 +29,8 @@ class ArchitectureMismatch(ValueError):
 def check_same_architecture(cfg_a, cfg_b, name_a: str = 'a', name_b: str = 'b') -> None:
   a, b = model_lib.ModelConfig.from_config(cfg_a.model), model_lib.ModelConfig.from_config(cfg_b.model)
   if a != b:
-    diff = {f: (getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__
-            if getattr(a, f) != getattr(b, f)}
     raise ArchitectureMismatch(f'cannot merge {name_a} and {name_b}: different architectures '
-                               f'(field: ({name_a}, {name_b})) {diff}')
+                               f'(field: ({name_a}, {name_b})) {a.differences(b)}')
 
 
 def merge_params(params_a, params_b, lam: float):

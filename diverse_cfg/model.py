@@ -52,6 +52,11 @@ class ModelConfig:
   def from_config(cls, m: ml_collections.ConfigDict) -> 'ModelConfig':
     return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls)})
 
+  def differences(self, other: 'ModelConfig') -> dict[str, tuple[Any, Any]]:
+    """{field: (self's value, other's value)} for every field that differs."""
+    return {f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)}
+
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads

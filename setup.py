@@ -27,6 +27,10 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+        # The peer benchmark (benchmarks/peer_transformers.py, `make bench-peer`). torch is pinned
+        # exactly: 2.13.0 is the CPU-only wheel these machines install from local disk; any range
+        # (or a newer torch) resolves to the multi-GB CUDA build from the index.
+        'peer': ['torch==2.13.0', 'transformers>=5.24,<6'],
     },
     entry_points={'console_scripts': ['diverse-cfg=diverse_cfg.cli:run']},
 )

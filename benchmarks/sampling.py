@@ -97,17 +97,14 @@ def naive_generate(cfg: model_lib.ModelConfig, num_new_tokens: int, num_steps: i
   batch = prompt_BxC.shape[0]
   null_B = jnp.zeros((batch,), bool)
 
+  u_NxB = sampling.uniforms(key, num_new_tokens, batch)
+
   def body(t, carry):
     buf_BxN, lps_BxN, done_B = carry
     logits_BxNxV = model_lib.forward(cfg, params, buf_BxN, prompt_BxC, null_B)
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxNxV, t, axis=1, keepdims=False)
     logp_BxV = sampling.sampling_log_probs(logits_BxV, None, 1.0, temperature, top_k)
-    tok_B = jax.random.categorical(jax.random.fold_in(key, t), logp_BxV, axis=-1)
-    tok_B = tok_B.astype(jnp.int32)
-    lp_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
-    tok_B = jnp.where(done_B, specials.PAD, tok_B)
-    lp_B = jnp.where(done_B, 0.0, lp_B)
-    done_B = done_B | (tok_B == specials.EOS)
+    tok_B, lp_B, done_B = sampling.draw(u_NxB[t], logp_BxV, done_B)
     buf_BxN = jax.lax.dynamic_update_slice(buf_BxN, tok_B[:, None], (0, t))
     lps_BxN = jax.lax.dynamic_update_slice(lps_BxN, lp_B[:, None], (0, t))
     return buf_BxN, lps_BxN, done_B

@@ -132,10 +132,14 @@ class Attention(nn.Module):
     qkv_shape = (c.d_model, c.num_heads, c.head_dim)
     proj = lambda name: _weight(self, name, qkv_shape, ('embed', 'heads', 'kv'), c)
     # Heads-major [B, H, T, K]: the layout the attention matmuls batch over, so
-    # neither the cache nor the chunk is transposed at every decode step.
-    q_BxHxTxK = rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_T, c.rope_base)
-    k_BxHxTxK = rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_T, c.rope_base)
-    v_BxHxTxK = jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('value'))
+    # the cache is never transposed. The projection itself is a plain
+    # [BT, D] x [D, HK] product (its natural output order); only the small
+    # activation is transposed. Asking the einsum for 'bhtk' directly makes
+    # XLA transpose the weights instead, at every decode step.
+    heads = lambda name: jnp.einsum('btd,dhk->bthk', x_BxTxD, proj(name)).transpose(0, 2, 1, 3)
+    q_BxHxTxK = rotary(heads('query'), pos_T, c.rope_base)
+    k_BxHxTxK = rotary(heads('key'), pos_T, c.rope_base)
+    v_BxHxTxK = heads('value')
 
     if cache_k is None:  # full forward: attend within this chunk
       k_BxHxSxK, v_BxHxSxK, key_pos_S = k_BxHxTxK, v_BxHxTxK, pos_T

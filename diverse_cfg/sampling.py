@@ -26,13 +26,20 @@ from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
 
 
-def cfg_log_probs(logits_c, logits_u, gamma):
-  """log_softmax(l_u + gamma (l_c - l_u)) over the last axis; logits_u=None: no CFG."""
+def guided_log_probs(logits_c, logits_u, gamma):
+  """l_c + (gamma - 1)(l_c - l_u) with l = log_softmax: CFG before normalising.
+
+  logits_u=None (no CFG) gives l_c. gamma = 1 gives l_c bit for bit.
+  """
   lc = jax.nn.log_softmax(logits_c, axis=-1)
   if logits_u is None:
-    return jax.nn.log_softmax(lc, axis=-1)
-  lu = jax.nn.log_softmax(logits_u, axis=-1)
-  return jax.nn.log_softmax(lc + (gamma - 1.0) * (lc - lu), axis=-1)
+    return lc
+  return lc + (gamma - 1.0) * (lc - jax.nn.log_softmax(logits_u, axis=-1))
+
+
+def cfg_log_probs(logits_c, logits_u, gamma):
+  """log_softmax(l_u + gamma (l_c - l_u)) over the last axis."""
+  return jax.nn.log_softmax(guided_log_probs(logits_c, logits_u, gamma), axis=-1)
 
 
 def top_k_filter(logp_BxV, top_k):
@@ -52,17 +59,50 @@ def top_k_filter(logp_BxV, top_k):
 
 
 def sampling_log_probs(logits_c, logits_u, gamma, temperature, top_k):
-  """The distribution a token is drawn from: CFG, then temperature, then top-k."""
-  logp = cfg_log_probs(logits_c, logits_u, gamma)
+  """The distribution a token is drawn from: CFG, then temperature, then top-k.
+
+  Normalised once, at the end: softmax, temperature and top-k all commute
+  with a per-row shift, so the CFG combination needs no normalising first.
+  """
+  logp = guided_log_probs(logits_c, logits_u, gamma)
   return jax.nn.log_softmax(top_k_filter(logp / temperature, top_k), axis=-1)
 
 
-def _draw(key, logp_BxV, done_B):
-  tok_B = jax.random.categorical(key, logp_BxV, axis=-1).astype(jnp.int32)
+def draw(u_B, logp_BxV, done_B):
+  """Draws one token per row by inverting the CDF at 1 - u (u uniform in [0, 1)).
+
+  One uniform per row instead of a Gumbel per vocabulary entry: on a CPU the
+  V random numbers and two logs per entry cost more than the model's decode
+  step at small batch. Tokens with probability 0 (masked by the head or by
+  top-k) are never drawn, whatever the rounding of the cumulative sum; a token
+  whose probability is below the float32 resolution of the running sum
+  (~1e-7) can lose it to a neighbour. Returns (token, its log-prob, done):
+  rows already done get PAD with log-prob 0.
+  """
+  vocab = logp_BxV.shape[-1]
+  p_BxV = jnp.exp(logp_BxV)
+  cdf_BxV = jnp.cumsum(p_BxV, axis=-1)
+  live_BxV = p_BxV > 0
+  # Scale by the largest cumulative value at a live token (not by the last
+  # one): the blocked cumsum need not be monotone in the last ulp, and this
+  # keeps at least one live token at or above the threshold.
+  top_B = jnp.max(jnp.where(live_BxV, cdf_BxV, 0.0), axis=-1)
+  x_Bx1 = ((1.0 - u_B) * top_B)[:, None]
+  tok_B = jnp.min(jnp.where(live_BxV & (cdf_BxV >= x_Bx1), jnp.arange(vocab), vocab - 1), axis=-1)
+  tok_B = tok_B.astype(jnp.int32)
   lp_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
   tok_B = jnp.where(done_B, specials.PAD, tok_B)
   lp_B = jnp.where(done_B, 0.0, lp_B)
   return tok_B, lp_B, done_B | (tok_B == specials.EOS)
+
+
+def uniforms(key, num_new_tokens: int, batch: int):
+  """The [N, B] uniforms of one sampling call, drawn once before the decode loop.
+
+  Drawn as [B, N]: row b's numbers then depend on b alone, not on the batch
+  size, so padding a batch with extra rows changes no row's tokens.
+  """
+  return jax.random.uniform(key, (batch, num_new_tokens), jnp.float32).T
 
 
 def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, params, prompt_BxC,
@@ -90,16 +130,21 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   def feed(tok_B):
     return (jnp.concatenate([tok_B, tok_B]) if guided else tok_B)[:, None]
 
-  tok0, lp0, done = _draw(jax.random.fold_in(key, 0), dist(logits_RxV), jnp.zeros(batch, bool))
+  # Random numbers are drawn here, not in the loop: per step, threefry's own
+  # loop would cost more than the decode step at small batch on a CPU.
+  u_NxB = uniforms(key, num_new_tokens, batch)
+  tok0, lp0, done = draw(u_NxB[0], dist(logits_RxV), jnp.zeros(batch, bool))
 
-  def body(carry, t):
+  def body(carry, xs):
+    t, u_B = xs
     tok_B, cache, done_B = carry
     pos = cfg.prompt_len + t  # position of the token being fed (BOS sits at prompt_len)
     logits_RxV, cache = model_lib.step(cfg, params, feed(tok_B), cache, pos)
-    tok_B, lp_B, done_B = _draw(jax.random.fold_in(key, t), dist(logits_RxV), done_B)
+    tok_B, lp_B, done_B = draw(u_B, dist(logits_RxV), done_B)
     return (tok_B, cache, done_B), (tok_B, lp_B)
 
-  _, (toks_NxB, lps_NxB) = jax.lax.scan(body, (tok0, cache, done), jnp.arange(1, num_new_tokens))
+  _, (toks_NxB, lps_NxB) = jax.lax.scan(body, (tok0, cache, done),
+                                        (jnp.arange(1, num_new_tokens), u_NxB[1:]))
   tokens_BxN = jnp.concatenate([tok0[:, None], toks_NxB.T], axis=1)
   logprobs_BxN = jnp.concatenate([lp0[:, None], lps_NxB.T], axis=1)
   return tokens_BxN, logprobs_BxN

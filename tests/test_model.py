@@ -118,6 +118,42 @@ def test_cfg_combination_by_hand(gamma):
     np.testing.assert_allclose(np.exp(got), pu, rtol=1e-5)
 
 
+def test_draw_inverts_the_cdf_exactly_and_never_draws_masked_tokens():
+  # Dyadic probabilities and stratified u: the share of u that lands on each
+  # token is exactly its probability (every sum is exact in float32).
+  p_V = np.array([0, 0, 1 / 2, 1 / 4, 1 / 8, 0, 1 / 16, 1 / 16])
+  logp_V = np.where(p_V > 0, np.log(np.maximum(p_V, 1e-30)), model_lib.NEG_INF).astype(np.float32)
+  n = 1024
+  u_n = (np.arange(n, dtype=np.float32) + 0.5) / n
+  logp_nxV = jnp.asarray(np.tile(logp_V, (n, 1)))
+  tok, lp, done = sampling.draw(jnp.asarray(u_n), logp_nxV, jnp.zeros(n, bool))
+  np.testing.assert_array_equal(np.bincount(np.asarray(tok), minlength=8), p_V * n)
+  np.testing.assert_array_equal(lp, logp_V[np.asarray(tok)])
+  np.testing.assert_array_equal(done, np.asarray(tok) == specials.EOS)
+  # The extremes of u land on live tokens (the first and the last).
+  edge = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+  tok_e, _, _ = sampling.draw(edge, logp_nxV[:2], jnp.zeros(2, bool))
+  np.testing.assert_array_equal(tok_e, [7, 2])
+  # Rows already done get PAD with log-prob 0 and stay done.
+  tok_d, lp_d, done_d = sampling.draw(jnp.asarray(u_n[:2]), logp_nxV[:2], jnp.ones(2, bool))
+  np.testing.assert_array_equal(tok_d, specials.PAD)
+  np.testing.assert_array_equal(lp_d, 0.0)
+  assert bool(done_d.all())
+
+
+def test_draw_matches_the_distribution_for_random_logits():
+  # 20000 draws from one random distribution over 300 tokens: the frequency of
+  # every token is within 5 standard errors of its probability.
+  rng = np.random.default_rng(0)
+  logp_V = np.asarray(jax.nn.log_softmax(jnp.asarray(rng.normal(size=300) * 2, jnp.float32)))
+  n = 20000
+  u_n = jax.random.uniform(jax.random.key(0), (n,))
+  tok, _, _ = sampling.draw(u_n, jnp.asarray(np.tile(logp_V, (n, 1))), jnp.zeros(n, bool))
+  freq = np.bincount(np.asarray(tok), minlength=300) / n
+  p = np.exp(logp_V.astype(np.float64))
+  assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-4).all()
+
+
 def test_score_is_normalised_and_matches_forward():
   params = _params(CFG)
   tokens, prompt = _batch(CFG)

@@ -223,11 +223,12 @@ def main(argv=None) -> dict:
             f"student ours/peer = {r['student_ours_over_peer']:.1f}x", flush=True)
   print('\nOurs (JAX/XLA) vs HF transformers GPT-2 generate (torch, eager), CPU:')
   print_table(rows)
-  busy = [r['load_before'][0] for r in rows if r['load_before']]
-  if busy and max(busy) > 0.25 * os.cpu_count():
-    print(f'  WARNING: load avg up to {max(busy):.1f} on {os.cpu_count()} cores: torch\'s OpenMP '
-          'threads slow down by 10-100x when a core is taken (try --torch_threads=1); rerun on '
-          'a quiet machine')
+  # The load before the first measurement: later readings include this script's own work.
+  start = info['load_avg_at_start']
+  if start and start[0] > 0.25 * os.cpu_count():
+    print(f'  WARNING: load avg {start[0]:.1f} on {os.cpu_count()} cores before the run: torch\'s '
+          'OpenMP threads slow down by 10-100x when a core is taken (try --torch_threads=1); '
+          'rerun on a quiet machine')
   info['load_avg_at_end'] = _load()
   result = {'machine': info, 'args': vars(args), 'rows': rows}
   if args.json_out:

@@ -72,8 +72,8 @@ def draw(u_B, logp_BxV, done_B):
   """Draws one token per row by inverting the CDF at 1 - u (u uniform in [0, 1)).
 
   One uniform per row instead of a Gumbel per vocabulary entry: on a CPU the
-  V random numbers and two logs per entry cost more than the model's decode
-  step at small batch. Tokens with probability 0 (masked by the head or by
+  V random numbers and two logs per entry took a third of a small model's
+  decode step (BENCHMARKS.md). Tokens with probability 0 (masked by the head or by
   top-k) are never drawn, whatever the rounding of the cumulative sum; a token
   whose probability is below the float32 resolution of the running sum
   (~1e-7) can lose it to a neighbour. Returns (token, its log-prob, done):
@@ -130,8 +130,8 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   def feed(tok_B):
     return (jnp.concatenate([tok_B, tok_B]) if guided else tok_B)[:, None]
 
-  # Random numbers are drawn here, not in the loop: per step, threefry's own
-  # loop would cost more than the decode step at small batch on a CPU.
+  # Random numbers are drawn here, not in the loop: on a CPU, threefry runs as
+  # a loop of its own, which per decode step costs a large share of the step.
   u_NxB = uniforms(key, num_new_tokens, batch)
   tok0, lp0, done = draw(u_NxB[0], dist(logits_RxV), jnp.zeros(batch, bool))
 

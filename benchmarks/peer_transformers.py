@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -59,7 +58,7 @@ import torch
 import transformers
 
 from benchmarks.sampling import (PROMPT_LEN, PROMPT_VOCAB, SIZES, VOCAB, _csv, _load, _setup,
-                                 library_info, time_interleaved)
+                                 library_info, time_interleaved, write_json)
 from diverse_cfg import sampling
 from diverse_cfg import specials
 
@@ -231,11 +230,7 @@ def main(argv=None) -> dict:
           'rerun on a quiet machine')
   info['load_avg_at_end'] = _load()
   result = {'machine': info, 'args': vars(args), 'rows': rows}
-  if args.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, 'w') as f:
-      json.dump(result, f, indent=2)
-    print(f'\nwrote {args.json_out}')
+  write_json(args.json_out, result)
   return result
 
 

@@ -331,6 +331,15 @@ def print_growth(rows) -> None:
           f"{r['naive_ms_per_step'] / r['kv_ms_per_step']:>7.1f}x")
 
 
+def write_json(path: str | None, result: dict) -> None:
+  """Writes a benchmark's figures to path (if given), creating its directory."""
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=2)
+    print(f'\nwrote {path}')
+
+
 def _csv(s: str | None) -> list[str]:
   return [x for x in (s or '').split(',') if x]
 
@@ -404,11 +413,7 @@ def main(argv=None) -> dict:
 
   info['load_avg_at_end'] = _load()
   result = {'machine': info, 'args': vars(args), 'throughput': throughput, 'growth': growth}
-  if args.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, 'w') as f:
-      json.dump(result, f, indent=2)
-    print(f'\nwrote {args.json_out}')
+  write_json(args.json_out, result)
   return result
 
 

@@ -65,6 +65,20 @@ def check_shapes(item_dir: str, abstract: Any, what: str) -> None:
           f'{tuple(want.shape)} (was it trained with another config?)')
 
 
+class _QuietReadOnly(logging.Filter):
+  """Drops Orbax's 'Given directory is read only' warning, logged on every read-only open.
+
+  Restoring a base model, students and evaluators printed ten of them per
+  evaluation; reading is what read-only is for, so it says nothing.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Given directory is read only')
+
+
+logging.getLogger('absl').addFilter(_QuietReadOnly())
+
+
 def _manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   if read_only:  # the values Orbax would otherwise force, with a warning each
     options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,

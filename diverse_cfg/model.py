@@ -313,6 +313,23 @@ def step(cfg: ModelConfig, params, tokens_BxT, cache: Cache, start, prompt_BxC=N
   return logits[:, -1], cache
 
 
+def unstack_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+  """The same model with one parameter subtree per layer (scan_layers off), for decoding.
+
+  A scanned decode threads the stacked [L, ...] cache through the layer loop
+  and writes all of it back at every step (2.5-3x slower on a CPU); per-layer
+  caches are updated in place. Slicing the stacked weights costs one copy of
+  the parameters per sampling call. remat only matters for gradients, so it is
+  dropped. Config and params of an unscanned model are returned unchanged.
+  """
+  if not cfg.scan_layers:
+    return cfg, params
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for i in range(cfg.num_layers):
+    out[f'layer_{i}'] = jax.tree.map(lambda p, i=i: p[i], params['layers'])
+  return dataclasses.replace(cfg, scan_layers=False, remat='none'), out
+
+
 def abstract_params(cfg: ModelConfig):
   """Boxed ShapeDtypeStructs of the params (no memory): shapes + logical names."""
   return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))

@@ -172,17 +172,23 @@ def _gather(logp_BxTxV, tokens_BxT):
   return lp * sampling.token_mask(tokens_BxT)
 
 
-def test_sampler_log_probs_agree_with_teacher_forced_scoring():
-  """The samplers' per-token log-probs equal the scoring pass on the same tokens."""
-  params = _params(CFG)
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_sampler_log_probs_agree_with_teacher_forced_scoring(scan_layers):
+  """The samplers' per-token log-probs equal the scoring pass on the same tokens.
+
+  With scan_layers the sampler decodes with unstacked per-layer weights and
+  caches, while scoring runs the scanned forward: two independent paths.
+  """
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+  params = _params(cfg)
   mesh, rules = _mesh(jax.devices()[:1])
-  sampler = sampling.Sampler(CFG, CFG.seq_len, mesh, rules)
-  _, prompt = _batch(CFG)
+  sampler = sampling.Sampler(cfg, cfg.seq_len, mesh, rules)
+  _, prompt = _batch(cfg)
   key = jax.random.key(3)
   tok_s, lp_s = sampler.sample(params, prompt, key)
   tok_t, lp_t = sampler.sample_cfg(params, prompt, key, gamma=3.0)
-  score_s = _score(CFG, params, tok_s, prompt, 3.0)
-  score_t = _score(CFG, params, tok_t, prompt, 3.0)
+  score_s = _score(cfg, params, tok_s, prompt, 3.0)
+  score_t = _score(cfg, params, tok_t, prompt, 3.0)
   np.testing.assert_allclose(lp_s, _gather(score_s['cond'], tok_s), atol=1e-4)
   np.testing.assert_allclose(lp_t, _gather(score_t['cfg'], tok_t), atol=1e-4)
   # Post-EOS positions are PAD with log-prob 0; no PAD/BOS is ever sampled before EOS.

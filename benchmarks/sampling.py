@@ -70,10 +70,13 @@ SIZES = {
 
 
 def model_config(size: str, seq_len: int) -> model_lib.ModelConfig:
-  layers, d_model, heads, mlp = SIZES[size]
+  """A size of SIZES; with the suffix '-scan' (e.g. 'medium-scan') the layers are scanned."""
+  base, _, variant = size.partition('-')
+  layers, d_model, heads, mlp = SIZES[base]
   return model_lib.ModelConfig(vocab_size=VOCAB, prompt_vocab_size=PROMPT_VOCAB,
                                prompt_len=PROMPT_LEN, seq_len=seq_len, num_layers=layers,
-                               d_model=d_model, num_heads=heads, mlp_dim=mlp)
+                               d_model=d_model, num_heads=heads, mlp_dim=mlp,
+                               scan_layers=variant == 'scan')
 
 
 # --------------------------------------------------------------------------- naive sampler
@@ -347,7 +350,8 @@ def _csv(s: str | None) -> list[str]:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--sizes', default='small,medium',
-                 help=f'comma list of {",".join(SIZES)} (default: small,medium)')
+                 help=f'comma list of {",".join(SIZES)}, each also as SIZE-scan (scan over layers; '
+                      'default: small,medium)')
   p.add_argument('--batch', default='8', help='comma list of batch sizes B (default: 8)')
   p.add_argument('--seq_len', type=int, default=128, help='new tokens N per sequence (default 128)')
   p.add_argument('--repeats', type=int, default=5, help='timed calls per program (median)')
@@ -369,8 +373,8 @@ def main(argv=None) -> dict:
   sizes, batches = _csv(args.sizes), [int(b) for b in _csv(args.batch)]
   growth_sizes = _csv(args.growth_sizes) or sizes[:1]
   for s in sizes + growth_sizes:
-    if s not in SIZES:
-      p.error(f'unknown size {s!r}; choose from {", ".join(SIZES)}')
+    if s.partition('-')[0] not in SIZES or s.partition('-')[2] not in ('', 'scan'):
+      p.error(f'unknown size {s!r}; choose from {", ".join(SIZES)} (each also as SIZE-scan)')
   lengths = [int(n) for n in _csv(args.growth_lengths)]
   if any(not 1 <= n <= args.seq_len for n in lengths):
     p.error(f'--growth_lengths must lie in [1, --seq_len={args.seq_len}]')

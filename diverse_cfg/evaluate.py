@@ -151,8 +151,9 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
     rows.append({'system': s.name, 'family': s.family, 'setting': s.setting,
                  'passes_per_token': s.passes_per_token,
                  'tokens_per_sec': tokens.size / seconds, **metrics})
-    print(f"{s.name:>22}: " + ', '.join(f'{k}={v:.4g}' for k, v in rows[-1].items()
-                                        if isinstance(v, float) and '/' not in k))
+    if jax.process_index() == 0:  # every process has the same row
+      print(f"{s.name:>22}: " + ', '.join(f'{k}={v:.4g}' for k, v in rows[-1].items()
+                                          if isinstance(v, float) and '/' not in k))
   if jax.process_index() == 0:  # every process computed the same rows; one writes them
     write_table(rows, out_dir)
     plot_front(rows, os.path.join(out_dir, 'front.png'))

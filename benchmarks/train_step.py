@@ -8,6 +8,10 @@ For a model size, on whatever devices are present (one mesh over all of them):
   rollout (student sampling with the KV cache, 1 forward per token), the
   teacher's scoring pass ([cond; uncond] rows: 2 forwards per token), the
   student's forward + backward (3 forwards per token); MFU of each;
+* with --breakdown, the pretraining step's kernel time by kind (matmul
+  fusions, layout copies / transposes, other fusions) and its top kernels,
+  from a jax.profiler trace: time per step, summed over XLA's CPU threads
+  (on a GPU, the trace's 'XLA Ops' line; not yet run on one);
 * memory (with --fsdp_devices=N and N fake CPU devices, or N real ones):
   per-device bytes of params + optimiser state from the compiled init's
   memory analysis, against the ideal total / N.
@@ -17,6 +21,7 @@ out of the figures. Compilation is excluded, every timed call ends with
 block_until_ready, the median of --repeats is reported.
 
   python -m benchmarks.train_step --size=cpu --json_out=/tmp/train.json
+  python -m benchmarks.train_step --size=cpu --breakdown
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.train_step \
       --size=cpu --memory_only --fsdp_devices=8
 """
@@ -24,9 +29,12 @@ block_until_ready, the median of --repeats is reported.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
 import json
 import statistics
+import tempfile
 import time
 
 import flax.linen as nn
@@ -113,7 +121,41 @@ def memory_report(cfg, c, mesh, rules):
           'ideal_per_device': int(total / n), 'ratio_to_ideal': per_device / (total / n)}
 
 
-def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool):
+def _kind(kernel: str) -> str:
+  name = kernel.lower()
+  if 'copy' in name or 'transpose' in name:
+    return 'copy/transpose'
+  if any(k in name for k in ('dot', 'ynn', 'gemm', 'cublas', 'matmul')):
+    return 'matmul fusions'
+  return 'other'
+
+
+def kernel_breakdown(run_step, steps: int) -> dict:
+  """Kernel time per step by kind and the top kernels, from a profiler trace of `steps` calls."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(steps):
+        jax.block_until_ready(run_step())
+    data = jax.profiler.ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0])
+    per_kernel = collections.Counter()
+    for plane in data.planes:
+      on_device = plane.name.startswith('/device:')
+      for line in plane.lines:
+        # XLA CPU's compute threads; on an accelerator, its per-op line (not yet run on one).
+        if not (line.name == 'XLA Ops' if on_device else line.name.startswith('tf_XLAEigen')):
+          continue
+        for ev in line.events:
+          if not ev.name.startswith(('ThunkExecutor', 'SlinkyThreadPool')):  # wrappers, waits
+            per_kernel[ev.name] += ev.duration_ns / 1e6 / steps
+  kinds = collections.Counter()
+  for name, ms in per_kernel.items():
+    kinds[_kind(name)] += ms
+  return {'ms_per_step_by_kind': {k: round(v, 2) for k, v in kinds.most_common()},
+          'top_kernels_ms_per_step': {k: round(v, 2) for k, v in per_kernel.most_common(12)}}
+
+
+def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
+          breakdown: bool = False):
   cfg, c, mesh, rules, batch, prompts, k = setup(size, fsdp_devices)
   out = {'size': size, 'device': jax.devices()[0].device_kind, 'num_devices': mesh.devices.size,
          'params': cfg.num_params(), 'memory': memory_report(cfg, c, mesh, rules)}
@@ -145,6 +187,13 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool):
   toks = batch * cfg.seq_len
   out['pretrain'] = {'batch': batch, 'step_s': t, 'tokens_per_s': toks / t,
                      'mfu': 3 * flops_tok_fwd * toks / t / (peak * n_dev)}
+  if breakdown:
+    def run_step():
+      nonlocal state
+      with sharding.activate(mesh, rules):
+        state, metrics = compiled_step(state)
+      return metrics
+    out['pretrain']['kernels'] = kernel_breakdown(run_step, repeats)
 
   # Finetuning, whole step and parts. The teacher and student share the base params here.
   rows = prompts * k
@@ -186,9 +235,11 @@ def main():
   ap.add_argument('--repeats', type=int, default=5)
   ap.add_argument('--fsdp_devices', type=int, default=None)
   ap.add_argument('--memory_only', action='store_true')
+  ap.add_argument('--breakdown', action='store_true',
+                  help="profile the pretraining step: kernel time by kind, top kernels")
   ap.add_argument('--json_out', default=None)
   args = ap.parse_args()
-  result = bench(args.size, args.repeats, args.fsdp_devices, args.memory_only)
+  result = bench(args.size, args.repeats, args.fsdp_devices, args.memory_only, args.breakdown)
   print(json.dumps(result, indent=1))
   if args.json_out:
     with open(args.json_out, 'w') as f:

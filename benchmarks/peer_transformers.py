@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.sampling import (PROMPT_LEN, PROMPT_VOCAB, SIZES, VOCAB, _csv, _load, _setup,
+from benchmarks.sampling import (PROMPT_LEN, PROMPT_VOCAB, SIZES, VOCAB, csv_list, load_avg, setup,
                                  library_info, time_interleaved, write_json)
 from diverse_cfg import sampling
 from diverse_cfg import specials
@@ -110,7 +110,7 @@ def count_forwards(model, fn) -> dict:
 
 
 def bench(size: str, batch: int, n: int, repeats: int, gamma: float, peer_uncond: str) -> dict:
-  cfg, mesh, rules, params, prompt = _setup(size, n, batch, num_devices=1)
+  cfg, mesh, rules, params, prompt = setup(size, n, batch, num_devices=1)
   sampler = sampling.Sampler(cfg, n, mesh, rules)
   key = jax.random.key(1)
   model = peer_model(cfg, n)
@@ -127,7 +127,7 @@ def bench(size: str, batch: int, n: int, repeats: int, gamma: float, peer_uncond
          'vocab_size': cfg.vocab_size, 'padded_vocab': cfg.padded_vocab,
          'ours_params': cfg.num_params(), 'peer_params': sum(p.numel() for p in model.parameters()),
          'peer_n_inner': model.config.n_inner, 'peer_attn': model.config._attn_implementation,
-         'peer_uncond': peer_uncond, 'load_before': _load()}
+         'peer_uncond': peer_uncond, 'load_before': load_avg()}
   for name in ('peer_student', 'peer_cfg'):  # sanity: exactly N new tokens, forwards per call
     seq = fns[name]()
     assert seq.shape == (batch, ids.shape[1] + n), seq.shape
@@ -142,7 +142,7 @@ def bench(size: str, batch: int, n: int, repeats: int, gamma: float, peer_uncond
   out['student_ours_over_peer'] = tps['ours_student'] / tps['peer_student']
   out['ours_student_over_cfg'] = tps['ours_student'] / tps['ours_cfg']
   out['peer_student_over_cfg'] = tps['peer_student'] / tps['peer_cfg']
-  out['load_after'] = _load()
+  out['load_after'] = load_avg()
   return out
 
 
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
   p.add_argument('--torch_threads', type=int, default=0, help='0: os.cpu_count()')
   p.add_argument('--json_out', default=None, help='write all figures here as JSON')
   args = p.parse_args(argv)
-  sizes, batches = _csv(args.sizes), [int(b) for b in _csv(args.batch)]
+  sizes, batches = csv_list(args.sizes), [int(b) for b in csv_list(args.batch)]
   for s in sizes:
     if s not in SIZES:
       p.error(f'unknown size {s!r}; choose from {", ".join(SIZES)}')
@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
       'torch_version': torch.__version__, 'transformers_version': transformers.__version__,
       'torch_threads': torch.get_num_threads(),
       'torch_interop_threads': torch.get_num_interop_threads(),
-      'load_avg_at_start': _load(), 'library': library_info(),
+      'load_avg_at_start': load_avg(), 'library': library_info(),
       'command': ' '.join(['python', '-m', 'benchmarks.peer_transformers'] + sys.argv[1:]),
   }
   print(f"{info['date']}  {info['machine']}  nproc={info['nproc']}  "
@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
     print(f'  WARNING: load avg {start[0]:.1f} on {os.cpu_count()} cores before the run: torch\'s '
           'OpenMP threads slow down by 10-100x when a core is taken (try --torch_threads=1); '
           'rerun on a quiet machine')
-  info['load_avg_at_end'] = _load()
+  info['load_avg_at_end'] = load_avg()
   result = {'machine': info, 'args': vars(args), 'rows': rows}
   write_json(args.json_out, result)
   return result

@@ -142,7 +142,8 @@ class NaiveSampler:
 # --------------------------------------------------------------------------- timing
 
 
-def _load() -> list[float] | None:
+def load_avg() -> list[float] | None:
+  """The 1/5/15-minute load averages (None where the OS has none); recorded with every figure."""
   try:
     return [round(x, 2) for x in os.getloadavg()]
   except OSError:
@@ -179,7 +180,8 @@ def _mesh(num_devices: int):
   return mesh, sharding.rules_of(c.mesh)
 
 
-def _setup(size: str, seq_len: int, batch: int, num_devices: int, seed: int = 0):
+def setup(size: str, seq_len: int, batch: int, num_devices: int, seed: int = 0):
+  """A SIZE's config, a mesh over num_devices, random sharded params and [batch, prompt] prompts."""
   cfg = model_config(size, seq_len)
   mesh, rules = _mesh(num_devices)
   params, _ = sharding.create_sharded(functools.partial(model_lib.init_params, cfg), mesh, rules,
@@ -197,13 +199,13 @@ def _naive_steps(n: int, naive_steps: int) -> int:
 def bench_throughput(size: str, batch: int, seq_len: int, repeats: int, gamma: float,
                      naive_steps: int | None, num_devices: int) -> dict:
   """Student vs CFG teacher (vs naive) tokens/s for B sequences of seq_len new tokens."""
-  cfg, mesh, rules, params, prompt = _setup(size, seq_len, batch, num_devices)
+  cfg, mesh, rules, params, prompt = setup(size, seq_len, batch, num_devices)
   key = jax.random.key(1)
   n = seq_len
   sampler = sampling.Sampler(cfg, n, mesh, rules)
   out = {'size': size, 'batch': batch, 'new_tokens': n, 'num_layers': cfg.num_layers,
          'd_model': cfg.d_model, 'num_heads': cfg.num_heads, 'mlp_dim': cfg.mlp_dim,
-         'vocab_size': cfg.vocab_size, 'num_params': cfg.num_params(), 'load_before': _load()}
+         'vocab_size': cfg.vocab_size, 'num_params': cfg.num_params(), 'load_before': load_avg()}
   fns = {
       'student': lambda: sampler.sample(params, prompt, key),
       'cfg': lambda: sampler.sample_cfg(params, prompt, key, gamma=gamma),
@@ -229,21 +231,21 @@ def bench_throughput(size: str, batch: int, seq_len: int, repeats: int, gamma: f
     a = np.asarray(fns['student']()[0])[:, :steps]
     b = np.asarray(fns['naive']()[0])[:, :steps]
     out['naive_token_agreement'] = float((a == b).mean())
-  out['load_after'] = _load()
+  out['load_after'] = load_avg()
   return out
 
 
 def bench_growth(size: str, batch: int, seq_len: int, lengths, repeats: int, naive_steps: int,
                  num_devices: int) -> list[dict]:
   """ms per decode step when generating N new tokens, KV cache vs naive, for N in lengths."""
-  cfg, mesh, rules, params, prompt = _setup(size, seq_len, batch, num_devices)
+  cfg, mesh, rules, params, prompt = setup(size, seq_len, batch, num_devices)
   key = jax.random.key(2)
   rows = []
   for n in lengths:
     kv = sampling.Sampler(cfg, n, mesh, rules)
     steps = _naive_steps(n, naive_steps)
     nv = NaiveSampler(cfg, n, steps, mesh, rules)
-    load = _load()
+    load = load_avg()
     t = time_interleaved({'kv': lambda: kv.sample(params, prompt, key),
                           'naive': lambda: nv.sample(params, prompt, key)}, repeats)
     t['naive']['steps_timed'] = steps
@@ -289,7 +291,7 @@ def machine_info() -> dict:
       'devices': [str(d) for d in dev],
       'nproc': os.cpu_count(),
       'cpus_usable': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
-      'load_avg_at_start': _load(),
+      'load_avg_at_start': load_avg(),
       'machine': platform.machine(),
       'python': sys.version.split()[0],
       'command': ' '.join(['python', '-m', 'benchmarks.sampling'] + sys.argv[1:]),
@@ -343,7 +345,8 @@ def write_json(path: str | None, result: dict) -> None:
     print(f'\nwrote {path}')
 
 
-def _csv(s: str | None) -> list[str]:
+def csv_list(s: str | None) -> list[str]:
+  """'a,b,,c' -> ['a', 'b', 'c']; None or '' -> []."""
   return [x for x in (s or '').split(',') if x]
 
 
@@ -370,12 +373,12 @@ def main(argv=None) -> dict:
   p.add_argument('--json_out', default=None, help='write all figures here as JSON')
   args = p.parse_args(argv)
 
-  sizes, batches = _csv(args.sizes), [int(b) for b in _csv(args.batch)]
-  growth_sizes = _csv(args.growth_sizes) or sizes[:1]
+  sizes, batches = csv_list(args.sizes), [int(b) for b in csv_list(args.batch)]
+  growth_sizes = csv_list(args.growth_sizes) or sizes[:1]
   for s in sizes + growth_sizes:
     if s.partition('-')[0] not in SIZES or s.partition('-')[2] not in ('', 'scan'):
       p.error(f'unknown size {s!r}; choose from {", ".join(SIZES)} (each also as SIZE-scan)')
-  lengths = [int(n) for n in _csv(args.growth_lengths)]
+  lengths = [int(n) for n in csv_list(args.growth_lengths)]
   if any(not 1 <= n <= args.seq_len for n in lengths):
     p.error(f'--growth_lengths must lie in [1, --seq_len={args.seq_len}]')
   if not 1 <= args.num_devices <= len(jax.devices()):
@@ -415,7 +418,7 @@ def main(argv=None) -> dict:
           '(a step emits one token for each of the B rows):')
     print_growth(growth)
 
-  info['load_avg_at_end'] = _load()
+  info['load_avg_at_end'] = load_avg()
   result = {'machine': info, 'args': vars(args), 'throughput': throughput, 'growth': growth}
   write_json(args.json_out, result)
   return result

@@ -4,8 +4,11 @@
 #   bash benchmarks/gpu.sh OUT_DIR
 #
 # Needs JAX with CUDA. Packages the GPU image may lack (ml-collections, grain, array-record,
-# portpicker) can be carried as wheels in .whl/ (see BENCHMARKS.md); they are installed into
-# /tmp/site when present. Writes JSON and logs to OUT_DIR.
+# portpicker) can be carried as wheels in .whl/; they are installed into /tmp/site when present.
+# Fetch them on a machine with the package index, for the GPU image's Python (3.12 so far):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       ml-collections grain array-record portpicker
+# Writes JSON and logs to OUT_DIR.
 set -uo pipefail
 OUT=${1:-/tmp/diverse_cfg_gpu}
 mkdir -p "$OUT"

@@ -86,7 +86,7 @@ def _evaluator_presets(c, preset: str) -> None:
       s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 2, 64, 4, 192
       s.warmup_steps, s.eval_every, s.ckpt_every, s.eval_batches = 50, 250, 250, 0
     em.batch_size, em.num_steps, em.lr, em.emb_dim, em.chunk_len = 64, 1000, 2e-3, 64, 32
-    cl.batch_size, cl.num_steps, cl.lr = 32, 800, 3e-3
+    cl.batch_size, cl.num_steps, cl.lr = 32, 1600, 3e-3
   elif preset == 'pod':
     for s in (em, cl):
       s.num_layers, s.d_model, s.num_heads, s.mlp_dim = 6, 512, 8, 2048

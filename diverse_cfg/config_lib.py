@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   cl.num_classes = ()
   cl.prompt_offsets = ()
   cl.attribute_names = ()
+  # Start the encoder from the trained embedder's (DIR/embedder; same encoder sizes): the
+  # contrastive pretraining on the same real data helps most where labels are few.
+  cl.init_from_embedder = True
 
   c.sampling = s = ml_collections.ConfigDict()
   s.gamma = 3.0  # CFG strength; 1 = no guidance
@@ -143,6 +146,9 @@ def _evaluator_section() -> ml_collections.ConfigDict:
   s.mlp_dim = 256
   s.dtype = 'float32'
   s.rope_base = 10_000.0
+  # Token features embedded besides each token (data.meta.TOKEN_FEATURES): '' = the
+  # dataset's own ('melody' for Essen: pitch class, octave, duration), or 'none'.
+  s.token_features = ''
   return s
 
 _DTYPES = ('float32', 'bfloat16')

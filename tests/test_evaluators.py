@@ -1,5 +1,7 @@
 """Evaluators: closed forms of the measures, chunking, and what the trained smoke models learn."""
 
+import copy
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -11,9 +13,11 @@ import pytest
 
 import helpers
 from configs import essen as essen_config
+from diverse_cfg import config_lib
 from diverse_cfg import evaluators
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
+from diverse_cfg.data import melody
 from diverse_cfg.data import meta as meta_lib
 from diverse_cfg.evaluators import chunks
 from diverse_cfg.evaluators import classifier
@@ -45,7 +49,7 @@ def trained(tmp_path_factory):
           for name, lib in (('embedder', embedder_lib), ('classifier', classifier))}
   sources, _ = meta_lib.load_dataset('imported', config.data.data_dir, npz_path=npz)
   test = stage.split_arrays(sources['test'], ('tokens', 'prompt'))
-  return {'root': root, 'runs': runs, 'test': test,
+  return {'root': root, 'runs': runs, 'test': test, 'config': config,
           'embedder': evaluators.load_embedder(str(root / 'embedder')),
           'quality': evaluators.load_quality_model(str(root / 'classifier'))}
 
@@ -188,6 +192,28 @@ def test_loaders_restore_onto_another_mesh(trained):
   np.testing.assert_allclose(loaded(tokens), want, atol=1e-5)
 
 
+def test_classifier_starts_from_the_trained_embedders_encoder(trained):
+  root = trained['root']
+  exp = classifier.prepare(copy.deepcopy(trained['config']), jax.devices()[:1])
+  task = classifier.make_task(exp, str(root / 'embedder'))
+  fresh, _ = sharding_lib.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
+  fresh = jax.tree.map(np.asarray, fresh)  # initial_state may reuse buffers
+  start = task.initial_state(fresh)
+  jax.tree.map(np.testing.assert_array_equal, start['params']['encoder'],
+               trained['embedder'].params['encoder'])
+  for head in ('head', 'head_bias'):  # the heads stay as initialised
+    np.testing.assert_array_equal(start['params'][head], fresh['params'][head])
+  with pytest.raises(config_lib.ConfigError, match='needs the trained embedder of this work '
+                     'directory: no checkpoint in'):
+    classifier.make_task(exp, str(root / 'nowhere'))
+  config = copy.deepcopy(trained['config'])
+  config.classifier.d_model, config.classifier.mlp_dim = 64, 96
+  with pytest.raises(config_lib.ConfigError, match=r"init_from_embedder=True but the embedder in "
+                     r".* has another encoder \(d_model: classifier 64 vs embedder 32; mlp_dim: "
+                     r"classifier 96 vs embedder 64\)"):
+    classifier.make_task(classifier.prepare(config, jax.devices()[:1]), str(root / 'embedder'))
+
+
 def test_prompt_offsets_select_each_attributes_own_classes():
   """Per-attribute vocabularies (not shared): each attribute's probabilities sum to 1."""
   md = meta_lib.metadata_dict(name='toy', vocab_size=12, seq_len=8, attribute_names=('a', 'b'),
@@ -199,6 +225,7 @@ def test_prompt_offsets_select_each_attributes_own_classes():
   config.model.vocab_size = 12
   for k, v in attrs.items():
     config.classifier[k] = v
+  stage.fill_token_features(config.classifier, 'classifier', meta)
   net = classifier.build_net(config)
   params = nn.meta.unbox(encoder.init_fn(net)(jax.random.key(0)))
   qm = classifier.make_quality_model(config, params)
@@ -212,3 +239,63 @@ def test_prompt_offsets_select_each_attributes_own_classes():
     np.testing.assert_allclose(total, 1.0, atol=1e-5)
   pred = np.asarray(qm.predict(qm.params, tokens))
   assert np.all((pred[:, 0] >= 0) & (pred[:, 0] < 3) & (pred[:, 1] >= 3) & (pred[:, 1] < 8))
+
+
+# --- token features ----------------------------------------------------------------------------
+
+def test_melody_token_features_are_the_events_parts():
+  tables = meta_lib.TOKEN_FEATURES['melody']()
+  assert list(tables) == ['pitch_class', 'octave', 'duration']
+  assert all(len(t) == melody.VOCAB_SIZE for t in tables.values())
+  for midi, dur, want in ((62, 1, (2, 1, 5)), (48, '1/8', (0, 0, 0)), (95, 12, (11, 3, 17)),
+                          (None, '3/2', (12, 4, 7))):
+    token = melody.encode_event(midi, dur)
+    assert tuple(t[token] for t in tables.values()) == want, (midi, dur)
+  for special in (specials.PAD, specials.BOS, specials.EOS):  # a value of their own
+    assert tuple(t[special] for t in tables.values()) == (13, 5, 18)
+
+
+def test_token_features_tie_tokens_that_share_them():
+  """With the tokens' own embeddings zeroed, a row reads only its tokens' feature values."""
+  table_V = (9, 9, 9, 0, 1, 0, 2, 1, 0, 2)  # specials 9; ids 3, 5, 8 share value 0
+  cfg = encoder.EncoderConfig(vocab_size=10, num_layers=1, d_model=16, num_heads=2, mlp_dim=32,
+                              token_features=(table_V,))
+  net = encoder.Encoder(cfg)
+  params = nn.meta.unbox(net.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))['params'])
+  assert params['feature_0']['embedding'].shape == (10, 16)  # values 0..9
+  params['embed']['embedding'] = jnp.zeros_like(params['embed']['embedding'])
+  rows = np.stack([_row([3, 4, 6], 6), _row([5, 7, 6], 6), _row([8, 4, 6], 6),
+                   _row([3, 6, 4], 6)])
+  out = np.asarray(net.apply({'params': params}, rows))
+  np.testing.assert_allclose(out[1], out[0], atol=1e-6)
+  np.testing.assert_allclose(out[2], out[0], atol=1e-6)
+  assert np.abs(out[3] - out[0]).max() > 1e-3  # same bag of values, other order
+  plain = encoder.Encoder(dataclasses.replace(cfg, token_features=()))
+  plain_params = nn.meta.unbox(plain.init(jax.random.key(0), rows)['params'])
+  assert not any(k.startswith('feature_') for k in plain_params)
+
+
+def test_fill_token_features_from_the_dataset_with_clear_errors():
+  def meta(vocab_size, is_melody):
+    return meta_lib.DatasetMeta.from_metadata(meta_lib.metadata_dict(
+        name='toy', vocab_size=vocab_size, seq_len=8, attribute_names=('a',),
+        attribute_sizes=(3,), is_melody=is_melody, split_sizes={}))
+  essen_like, other = meta(melody.VOCAB_SIZE, True), meta(12, False)
+  for m, want in ((essen_like, 'melody'), (other, 'none')):
+    section = essen_config.get_config('smoke').embedder
+    stage.fill_token_features(section, 'embedder', m)
+    assert section.token_features == want
+  section = essen_config.get_config('smoke').classifier
+  section.token_features = 'melody'
+  with pytest.raises(config_lib.ConfigError, match=r'token_features=.melody. describes 885 '
+                     r'token ids but dataset .toy. has 12'):
+    stage.fill_token_features(section, 'classifier', other)
+  section.token_features = 'pitches'
+  with pytest.raises(config_lib.ConfigError, match=r'classifier.token_features: unknown token '
+                     r'feature set .pitches.; known: none, melody'):
+    stage.fill_token_features(section, 'classifier', other)
+  section.token_features = ''
+  with pytest.raises(ValueError, match='resolved from the dataset first'):
+    encoder.EncoderConfig.from_section(section, 12)
+  old = ml_collections.ConfigDict({k: v for k, v in section.items() if k != 'token_features'})
+  assert encoder.EncoderConfig.from_section(old, 12).token_features == ()  # older checkpoints

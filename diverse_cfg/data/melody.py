@@ -312,6 +312,24 @@ def piano_roll_png(rows, path, titles: Sequence[str] | None = None) -> None:
   plt.close(fig)
 
 
+def token_features() -> dict[str, list[int]]:
+  """What each token id is made of, for encoders that embed the parts too.
+
+  {feature: value per token id}: pitch class (12 = rest), octave (0-3 above
+  PITCH_LOW; 4 = rest) and duration class; the specials get a value of their
+  own in each. Both halves of an event share one token, so without these an
+  encoder must learn separately that 864 ids hold 12 pitch classes.
+  """
+  event_V = np.arange(VOCAB_SIZE) - specials.NUM_SPECIAL
+  slot_V, dur_V = event_V // NUM_DURATIONS, event_V % NUM_DURATIONS
+  special_V, rest_V = event_V < 0, slot_V == REST_SLOT
+  out = {'pitch_class': np.where(rest_V, 12, (slot_V + PITCH_LOW) % 12),
+         'octave': np.where(rest_V, NUM_PITCHES // 12, slot_V // 12),
+         'duration': dur_V}
+  return {name: np.where(special_V, values_V[~special_V].max() + 1, values_V).tolist()
+          for name, values_V in out.items()}
+
+
 def describe_vocab() -> dict:
   """JSON-ready description stored in dataset metadata."""
   return {

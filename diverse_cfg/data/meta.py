@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from diverse_cfg import specials
+from diverse_cfg.data import melody
 
 FORMAT_VERSION = 1
 SPLITS = ('train', 'validation', 'test')
@@ -28,6 +29,21 @@ SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
 SPLIT_RULE = ('u = first 8 bytes of sha256(split key) as a big-endian '
               'integer / 2**64; train if u < 0.90, validation if u < 0.95, '
               'else test')
+
+# Per-token feature sets an encoder can embed besides the token itself, by name:
+# name -> () -> {feature: value per token id}. A config names one (or 'none');
+# the tables are rebuilt from the name, so a checkpoint's config says which.
+TOKEN_FEATURES = {'melody': melody.token_features}
+
+
+def token_feature_tables(name: str) -> tuple[tuple[int, ...], ...]:
+  """The tables of a registered feature set, one per feature; () for 'none'."""
+  if name == 'none':
+    return ()
+  if name not in TOKEN_FEATURES:
+    raise ValueError(f'unknown token feature set {name!r}; known: none, '
+                     f'{", ".join(sorted(TOKEN_FEATURES))}')
+  return tuple(tuple(int(v) for v in values) for values in TOKEN_FEATURES[name]().values())
 
 
 def hash_split(key: bytes, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
@@ -132,6 +148,11 @@ class DatasetMeta:
     return cls.from_metadata(
         builder.info.metadata,
         {s: int(info.num_examples) for s, info in builder.info.splits.items()})
+
+  @property
+  def token_features(self) -> str:
+    """The feature set that describes this dataset's tokens (see TOKEN_FEATURES)."""
+    return 'melody' if self.is_melody else 'none'
 
   def value_names(self, attribute: int | str) -> tuple[str, ...]:
     i = self._index(attribute)

@@ -16,6 +16,7 @@ prompt_vocab_size classes each.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from diverse_cfg import checkpoints
 from diverse_cfg import config_lib
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
 from diverse_cfg.data import pipeline
+from diverse_cfg.evaluators import embedder as embedder_lib
 from diverse_cfg.evaluators import encoder
 from diverse_cfg.evaluators import interface
 from diverse_cfg.evaluators import metrics
@@ -96,12 +99,51 @@ def make_quality_model(config: ml_collections.ConfigDict, params) -> interface.Q
                                 attribute_names=tuple(cl.attribute_names))
 
 
-def make_task(exp: experiment_lib.Experiment) -> training.Task:
+# The encoder fields that must agree for the embedder's encoder weights to mean the same here.
+_SHARED_ENCODER_FIELDS = ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'mlp_dim',
+                          'rope_base')
+
+
+def embedder_encoder_params(exp: experiment_lib.Experiment, embedder_dir: str):
+  """The trained embedder's encoder params, laid out on exp's mesh, if its encoder fits ours."""
+  field = 'config.classifier.init_from_embedder'
+  try:
+    emb_config = checkpoints.read_config(os.path.join(embedder_dir, 'checkpoints'))
+  except checkpoints.CheckpointError as e:
+    raise config_lib.ConfigError(
+        f'{field}=True needs the trained embedder of this work directory: {e}. Run '
+        '--stage=embedder first, or set it to False') from None
+  ours, theirs = build_net(exp.config).cfg, encoder.EncoderConfig.from_section(
+      emb_config.embedder, emb_config.model.vocab_size)
+  pairs = {f: (getattr(ours, f), getattr(theirs, f)) for f in _SHARED_ENCODER_FIELDS}
+  pairs['token_features'] = (exp.config.classifier.token_features,
+                             emb_config.embedder.get('token_features', 'none'))
+  differ = [f'{f}: classifier {a!r} vs embedder {b!r}' for f, (a, b) in pairs.items() if a != b]
+  if differ:
+    raise config_lib.ConfigError(
+        f'{field}=True but the embedder in {embedder_dir} has another encoder ('
+        + '; '.join(differ) + '); give config.classifier the embedder\'s sizes or set it to False')
+  _, params = stage.restore(embedder_dir, lambda c: encoder.init_fn(embedder_lib.build_net(c)),
+                            exp.mesh, exp.rules)
+  return params['encoder']
+
+
+def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -> training.Task:
+  """embedder_dir: where the trained embedder is, for config.classifier.init_from_embedder."""
   config, cl = exp.config, exp.config.classifier
   net = build_net(config)
   offsets, names = tuple(cl.prompt_offsets), tuple(cl.attribute_names)
   tx, schedule = training.make_optimizer(cl)
   init_state = training.init_state_fn(encoder.init_fn(net), tx)
+  initial_state = None
+  if cl.init_from_embedder:
+    if embedder_dir is None:
+      raise ValueError('config.classifier.init_from_embedder=True: pass embedder_dir')
+    pretrained = embedder_encoder_params(exp, embedder_dir)  # fails now, not after compiling
+
+    def initial_state(state):  # the encoder starts as the embedder's, the heads fresh
+      return {'params': {**state['params'], 'encoder': pretrained},
+              'opt_state': state['opt_state']}
 
   def train_step(state, batch, step):
     labels_BxA = labels_of(batch['prompt'], offsets, net.num_classes)
@@ -140,7 +182,8 @@ def make_task(exp: experiment_lib.Experiment) -> training.Task:
                                         batch_sharding, keys=BATCH_KEYS)
   tokens_per_step = cl.batch_size * config.model.seq_len
   return training.Task(
-      name='classifier', init_state=init_state, train_step=train_step, batches=batches,
+      name='classifier', init_state=init_state, initial_state=initial_state,
+      train_step=train_step, batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * net.cfg.flops_per_token(config.model.seq_len, True))
 
@@ -161,14 +204,17 @@ def prepare(config, devices=None) -> experiment_lib.Experiment:
   exp = experiment_lib.prepare(config, devices)
   with exp.config.unlocked():
     fill_attributes(exp.config, exp.meta)
+    stage.fill_token_features(exp.config.classifier, 'classifier', exp.meta)
   config_lib.validate_classifier(exp.config.classifier)
   return exp
 
 
 def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
+  """Trains in workdir (DIR/classifier); init_from_embedder reads DIR/embedder next to it."""
   exp = prepare(config, devices)
-  result = training.run(make_task(exp), exp.config.classifier, exp.config, workdir, exp.mesh,
-                        exp.rules, progress=progress)
+  embedder_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), 'embedder')
+  result = training.run(make_task(exp, embedder_dir), exp.config.classifier, exp.config, workdir,
+                        exp.mesh, exp.rules, progress=progress)
   if not result.preempted:
     split = stage.heldout_split(exp.sources)
     data = stage.split_arrays(exp.sources[split], BATCH_KEYS)

@@ -140,8 +140,14 @@ def heldout_figures(embedder: interface.Embedder, tokens_NxT, chunk_len: int, ba
   return out
 
 
-def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
+def prepare(config, devices=None) -> experiment_lib.Experiment:
   exp = experiment_lib.prepare(config, devices)
+  stage.fill_token_features(exp.config.embedder, 'embedder', exp.meta)
+  return exp
+
+
+def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
+  exp = prepare(config, devices)
   result = training.run(make_task(exp), exp.config.embedder, exp.config, workdir, exp.mesh,
                         exp.rules, progress=progress)
   if not result.preempted:

@@ -9,10 +9,16 @@ BOS/EOS anchors (`anchored`) so that it can tell a sequence's first and last
 events apart; the embedder, trained on chunks whose edges are not the piece's,
 does not.
 
+A dataset can say what its tokens are made of (data.meta.TOKEN_FEATURES; for
+melodies: pitch class, octave and duration of each pitch x duration event):
+each feature value then has an embedding of its own, added to the token's, so
+what the parts share is learnt from every token holding them. The encoder only
+sees integer tables; it assumes nothing about what they mean.
+
 Norms and rotary come from model.py; attention and MLP are written here
 because they take a padding mask instead of a cache. Every parameter carries
 logical axis names; the names the decoder does not use ('embed_out',
-'attributes', 'classes') are unmapped by the rules, i.e. replicated.
+'feature_values', 'attributes', 'classes') are unmapped by the rules, i.e. replicated.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import ml_collections
 
 from diverse_cfg import model as model_lib
 from diverse_cfg import specials
+from diverse_cfg.data import meta as meta_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +48,23 @@ class EncoderConfig:
   rope_base: float = 10_000.0
   # Mark the sequence's start and end with BOS / EOS tokens (see `anchored`).
   anchors: bool = False
+  # Tables of per-token features (value of feature f for token id t = token_features[f][t]);
+  # each feature value has an embedding, added to the token's own.
+  token_features: tuple[tuple[int, ...], ...] = ()
 
   @classmethod
   def from_section(cls, section: ml_collections.ConfigDict, vocab_size: int,
                    anchors: bool = False) -> 'EncoderConfig':
-    fields = [f.name for f in dataclasses.fields(cls) if f.name not in ('vocab_size', 'anchors')]
-    return cls(vocab_size=int(vocab_size), anchors=anchors, **{f: section[f] for f in fields})
+    skip = ('vocab_size', 'anchors', 'token_features')
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    # Checkpoints from before token features have no field: they had none.
+    features = section.get('token_features', 'none')
+    if not features:
+      raise ValueError("token_features='' is resolved from the dataset first "
+                       '(evaluators.stage.fill_token_features)')
+    return cls(vocab_size=int(vocab_size), anchors=anchors,
+               token_features=meta_lib.token_feature_tables(features),
+               **{f: section[f] for f in fields})
 
   @property
   def head_dim(self) -> int:
@@ -173,6 +191,13 @@ class Encoder(nn.Module):
                                             ('vocab', 'embed'))
     x_BxTxD = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init,
                        name='embed')(tokens_BxT).astype(c.jnp_dtype)
+    for i, table_V in enumerate(c.token_features):
+      # Ids past the table (the padded vocabulary's spare rows) read its last entry.
+      ids_BxT = jnp.asarray(table_V, jnp.int32)[jnp.minimum(tokens_BxT, len(table_V) - 1)]
+      feature_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
+                                                  ('feature_values', 'embed'))
+      x_BxTxD = x_BxTxD + nn.Embed(max(table_V) + 1, c.d_model, embedding_init=feature_init,
+                                   name=f'feature_{i}')(ids_BxT).astype(c.jnp_dtype)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
     for i in range(c.num_layers):
       x_BxTxD = EncoderBlock(c, name=f'layer_{i}')(x_BxTxD, mask_BxT)

@@ -20,6 +20,8 @@ import numpy as np
 from diverse_cfg import checkpoints
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
+from diverse_cfg import config_lib
+from diverse_cfg.data import meta as meta_lib
 from diverse_cfg.data import pipeline
 
 log = logging.getLogger('diverse_cfg')
@@ -46,6 +48,20 @@ def heldout_split(sources: dict[str, Any]) -> str:
         log.warning('no test split in this dataset: held-out figures use %r', split)
       return split
   raise ValueError('the dataset has no examples in any split')
+
+
+def fill_token_features(section: ml_collections.ConfigDict, field: str, meta) -> None:
+  """section.token_features '' -> the dataset's feature set; a named one must fit its tokens."""
+  name = section.token_features or meta.token_features
+  try:
+    tables = meta_lib.token_feature_tables(name)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config.{field}.token_features: {e}') from None
+  if tables and len(tables[0]) != meta.vocab_size:
+    raise config_lib.ConfigError(
+        f'config.{field}.token_features={name!r} describes {len(tables[0])} token ids but '
+        f'dataset {meta.name!r} has {meta.vocab_size}; use \'\' (the dataset\'s own) or \'none\'')
+  section.token_features = name
 
 
 def validation_rows(section: ml_collections.ConfigDict) -> int:

@@ -205,13 +205,14 @@ def test_classifier_starts_from_the_trained_embedders_encoder(trained):
     np.testing.assert_array_equal(start['params'][head], fresh['params'][head])
   with pytest.raises(config_lib.ConfigError, match='needs the trained embedder of this work '
                      'directory: no checkpoint in'):
-    classifier.make_task(exp, str(root / 'nowhere'))
+    classifier.make_task(exp, str(root / 'nowhere')).initial_state(fresh)
   config = copy.deepcopy(trained['config'])
   config.classifier.d_model, config.classifier.mlp_dim = 64, 96
   with pytest.raises(config_lib.ConfigError, match=r"init_from_embedder=True but the embedder in "
                      r".* has another encoder \(d_model: classifier 64 vs embedder 32; mlp_dim: "
                      r"classifier 96 vs embedder 64\)"):
-    classifier.make_task(classifier.prepare(config, jax.devices()[:1]), str(root / 'embedder'))
+    classifier.embedder_encoder_params(classifier.prepare(config, jax.devices()[:1]),
+                                       str(root / 'embedder'))
 
 
 def test_prompt_offsets_select_each_attributes_own_classes():

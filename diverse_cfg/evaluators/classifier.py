@@ -139,10 +139,9 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
   if cl.init_from_embedder:
     if embedder_dir is None:
       raise ValueError('config.classifier.init_from_embedder=True: pass embedder_dir')
-    pretrained = embedder_encoder_params(exp, embedder_dir)  # fails now, not after compiling
 
-    def initial_state(state):  # the encoder starts as the embedder's, the heads fresh
-      return {'params': {**state['params'], 'encoder': pretrained},
+    def initial_state(state):  # a fresh run only: the encoder is the embedder's, the heads new
+      return {'params': {**state['params'], 'encoder': embedder_encoder_params(exp, embedder_dir)},
               'opt_state': state['opt_state']}
 
   def train_step(state, batch, step):

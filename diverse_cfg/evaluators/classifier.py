@@ -108,7 +108,8 @@ def embedder_encoder_params(exp: experiment_lib.Experiment, embedder_dir: str):
   """The trained embedder's encoder params, laid out on exp's mesh, if its encoder fits ours."""
   field = 'config.classifier.init_from_embedder'
   try:
-    emb_config = checkpoints.read_config(os.path.join(embedder_dir, 'checkpoints'))
+    emb_config, params = stage.restore(
+        embedder_dir, lambda c: encoder.init_fn(embedder_lib.build_net(c)), exp.mesh, exp.rules)
   except checkpoints.CheckpointError as e:
     raise config_lib.ConfigError(
         f'{field}=True needs the trained embedder of this work directory: {e}. Run '
@@ -123,8 +124,6 @@ def embedder_encoder_params(exp: experiment_lib.Experiment, embedder_dir: str):
     raise config_lib.ConfigError(
         f'{field}=True but the embedder in {embedder_dir} has another encoder ('
         + '; '.join(differ) + '); give config.classifier the embedder\'s sizes or set it to False')
-  _, params = stage.restore(embedder_dir, lambda c: encoder.init_fn(embedder_lib.build_net(c)),
-                            exp.mesh, exp.rules)
   return params['encoder']
 
 

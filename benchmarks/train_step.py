@@ -7,7 +7,10 @@ For a model size, on whatever devices are present (one mesh over all of them):
 * the finetuning step, whole and in its parts, MaxText-style accounting:
   rollout (student sampling with the KV cache, 1 forward per token), the
   teacher's scoring pass ([cond; uncond] rows: 2 forwards per token), the
-  student's forward + backward (3 forwards per token); MFU of each;
+  student's forward + backward (3 forwards per token); MFU of each; with a
+  compute dtype below float32, also the rollout with its weights cast at every
+  decode step (model.decode_params switched off), the A/B of that fix;
+* --parts picks what to time (default: all);
 * with --breakdown, the pretraining step's kernel time by kind (matmul
   fusions, layout copies / transposes, other fusions) and its top kernels,
   from a jax.profiler trace: time per step, summed over XLA's CPU threads
@@ -22,6 +25,7 @@ block_until_ready, the median of --repeats is reported.
 
   python -m benchmarks.train_step --size=cpu --json_out=/tmp/train.json
   python -m benchmarks.train_step --size=cpu --breakdown
+  python -m benchmarks.train_step --size=gpu_large --parts=pretrain,rollout,whole_step
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.train_step \
       --size=cpu --memory_only --fsdp_devices=8
 """
@@ -36,6 +40,7 @@ import json
 import statistics
 import tempfile
 import time
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -51,6 +56,8 @@ from diverse_cfg import sharding
 from diverse_cfg import specials
 from diverse_cfg import training
 
+from benchmarks.sampling import csv_list
+
 # name -> (layers, d_model, heads, mlp, vocab, seq_len, pretrain batch, finetune prompts, k, dtype)
 SIZES = {
     'cpu': (4, 128, 4, 384, 885, 128, 32, 8, 4, 'float32'),  # configs/essen.py:cpu
@@ -59,14 +66,20 @@ SIZES = {
 }
 
 
-def timed(fn, *args, repeats: int):
+def timed(fn, *args, repeats: int, name: str = ''):
+  """Median seconds per call (compilation excluded); printed at once under a name, if given."""
+  start = time.perf_counter()
   jax.block_until_ready(fn(*args))  # compile + warm up
+  first = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  t = statistics.median(times)
+  if name:  # so a run cut short still shows what it measured
+    print(f'{name}: {t * 1e3:.2f} ms (first call, with compilation: {first:.1f} s)', flush=True)
+  return t
 
 
 def matmul_peak(dtype, repeats: int = 5) -> float:
@@ -154,8 +167,11 @@ def kernel_breakdown(run_step, steps: int) -> dict:
           'top_kernels_ms_per_step': {k: round(v, 2) for k, v in per_kernel.most_common(12)}}
 
 
+PARTS = ('pretrain', 'rollout', 'teacher_scoring', 'student_fwd_bwd', 'whole_step')
+
+
 def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
-          breakdown: bool = False):
+          breakdown: bool = False, parts_wanted=PARTS):
   cfg, c, mesh, rules, batch, prompts, k = setup(size, fsdp_devices)
   out = {'size': size, 'device': jax.devices()[0].device_kind, 'num_devices': mesh.devices.size,
          'params': cfg.num_params(), 'memory': memory_report(cfg, c, mesh, rules)}
@@ -163,6 +179,8 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
     return out
   peak = matmul_peak(cfg.jnp_dtype)
   out['matmul_peak_flops_per_device'] = peak
+  print(f'{size} ({cfg.num_params() / 1e6:.1f}M params) on {out["device"]}: '
+        f'matmul peak {peak / 1e12:.1f} TFLOP/s', flush=True)
   n_dev = mesh.devices.size
   flops_tok_fwd = training.decoder_flops_per_token(cfg, training=False)
 
@@ -170,30 +188,32 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
   state, shardings = sharding.create_sharded(pretrain.init_state_fn(cfg, tx), mesh, rules,
                                              jax.random.key(0))
   batch_s = sharding.batch_sharding(mesh, 2)
-  tokens, prompt = synthetic(cfg, batch)
-  data = {'tokens': jax.device_put(tokens, batch_s), 'prompt': jax.device_put(prompt, batch_s)}
-  with sharding.activate(mesh, rules):
-    step = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, 0), donate_argnums=0)
-    compiled_step = lambda s: step(s, data, jnp.int32(0))
-    state, m = compiled_step(state)  # compile + warm up (the old state is donated)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      state, m = compiled_step(state)
+  if 'pretrain' in parts_wanted:
+    tokens, prompt = synthetic(cfg, batch)
+    data = {'tokens': jax.device_put(tokens, batch_s), 'prompt': jax.device_put(prompt, batch_s)}
+    with sharding.activate(mesh, rules):
+      step = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, 0), donate_argnums=0)
+      compiled_step = lambda s: step(s, data, jnp.int32(0))
+      state, m = compiled_step(state)  # compile + warm up (the old state is donated)
       jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-  t = statistics.median(times)
-  toks = batch * cfg.seq_len
-  out['pretrain'] = {'batch': batch, 'step_s': t, 'tokens_per_s': toks / t,
-                     'mfu': 3 * flops_tok_fwd * toks / t / (peak * n_dev)}
-  if breakdown:
-    def run_step():
-      nonlocal state
-      with sharding.activate(mesh, rules):
-        state, metrics = compiled_step(state)
-      return metrics
-    out['pretrain']['kernels'] = kernel_breakdown(run_step, repeats)
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = compiled_step(state)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    toks = batch * cfg.seq_len
+    out['pretrain'] = {'batch': batch, 'step_s': t, 'tokens_per_s': toks / t,
+                       'mfu': 3 * flops_tok_fwd * toks / t / (peak * n_dev)}
+    print(f'pretrain: {t * 1e3:.2f} ms, MFU {out["pretrain"]["mfu"]:.3f}', flush=True)
+    if breakdown:
+      def run_step():
+        nonlocal state
+        with sharding.activate(mesh, rules):
+          state, metrics = compiled_step(state)
+        return metrics
+      out['pretrain']['kernels'] = kernel_breakdown(run_step, repeats)
 
   # Finetuning, whole step and parts. The teacher and student share the base params here.
   rows = prompts * k
@@ -205,22 +225,33 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
   embed = lambda _, t: jax.nn.one_hot(t[:, 0], 8)  # negligible-cost stand-in embedder
   parts = {}
   with sharding.activate(mesh, rules):
-    rollout = jax.jit(functools.partial(sampling.generate, cfg, cfg.seq_len, False))
-    parts['rollout'] = (timed(lambda: rollout(params, ft_prompt, jax.random.key(0), 1.0, 1.0, 0),
-                              repeats=repeats), 1)
-    score = jax.jit(functools.partial(sampling.score, cfg))
-    parts['teacher_scoring'] = (timed(lambda: score(params, ft_tokens, ft_prompt, 3.0),
-                                      repeats=repeats), 2)
-    loss = lambda p: jnp.mean(pretrain.lm_loss(cfg, p, ft_tokens, ft_prompt,
-                                               jnp.zeros(rows, bool))[0])
-    grad = jax.jit(jax.value_and_grad(loss))
-    parts['student_fwd_bwd'] = (timed(lambda: grad(params), repeats=repeats), 3)
-    ft_state = {'params': params, 'opt_state': state['opt_state']}
-    ft_step = jax.jit(finetune.finetune_step_fn(cfg, f, tx, schedule, 8.0, 0, embed))
-    frozen = {'teacher': params, 'embedder': {}}
-    batch_p = {'prompt': ft_prompt[::k]}
-    parts['whole_step'] = (timed(lambda: ft_step(ft_state, batch_p, jnp.int32(0), frozen),
-                                 repeats=repeats), 6)
+    if 'rollout' in parts_wanted:
+      def time_rollout(name):  # a fresh jit, traced inside timed()
+        rollout = jax.jit(functools.partial(sampling.generate, cfg, cfg.seq_len, False))
+        return timed(lambda: rollout(params, ft_prompt, jax.random.key(0), 1.0, 1.0, 0),
+                     repeats=repeats, name=name)
+      parts['rollout'] = (time_rollout('rollout'), 1)
+      if cfg.dtype != 'float32':
+        # A/B: the decode loop as it was before model.decode_params cast the matrices once.
+        with mock.patch.object(model_lib, 'decode_params', lambda c, p: (c, p)):
+          parts['rollout_cast_per_step'] = (time_rollout('rollout_cast_per_step'), 1)
+    if 'teacher_scoring' in parts_wanted:
+      score = jax.jit(functools.partial(sampling.score, cfg))
+      parts['teacher_scoring'] = (timed(lambda: score(params, ft_tokens, ft_prompt, 3.0),
+                                        repeats=repeats, name='teacher_scoring'), 2)
+    if 'student_fwd_bwd' in parts_wanted:
+      loss = lambda p: jnp.mean(pretrain.lm_loss(cfg, p, ft_tokens, ft_prompt,
+                                                 jnp.zeros(rows, bool))[0])
+      grad = jax.jit(jax.value_and_grad(loss))
+      parts['student_fwd_bwd'] = (timed(lambda: grad(params), repeats=repeats,
+                                           name='student_fwd_bwd'), 3)
+    if 'whole_step' in parts_wanted:
+      ft_state = {'params': params, 'opt_state': state['opt_state']}
+      ft_step = jax.jit(finetune.finetune_step_fn(cfg, f, tx, schedule, 8.0, 0, embed))
+      frozen = {'teacher': params, 'embedder': {}}
+      batch_p = {'prompt': ft_prompt[::k]}
+      parts['whole_step'] = (timed(lambda: ft_step(ft_state, batch_p, jnp.int32(0), frozen),
+                                   repeats=repeats, name='whole_step'), 6)
   toks = rows * cfg.seq_len
   out['finetune'] = {'prompts': prompts, 'k': k}
   for name, (secs, passes) in parts.items():
@@ -237,9 +268,16 @@ def main():
   ap.add_argument('--memory_only', action='store_true')
   ap.add_argument('--breakdown', action='store_true',
                   help="profile the pretraining step: kernel time by kind, top kernels")
+  ap.add_argument('--parts', default=','.join(PARTS),
+                  help=f'comma list of what to time, of {",".join(PARTS)} (default: all)')
   ap.add_argument('--json_out', default=None)
   args = ap.parse_args()
-  result = bench(args.size, args.repeats, args.fsdp_devices, args.memory_only, args.breakdown)
+  parts = csv_list(args.parts)
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown:
+    ap.error(f'--parts: unknown {unknown}; choose from {",".join(PARTS)}')
+  result = bench(args.size, args.repeats, args.fsdp_devices, args.memory_only, args.breakdown,
+                 parts)
   print(json.dumps(result, indent=1))
   if args.json_out:
     with open(args.json_out, 'w') as f:

@@ -313,21 +313,29 @@ def step(cfg: ModelConfig, params, tokens_BxT, cache: Cache, start, prompt_BxC=N
   return logits[:, -1], cache
 
 
-def unstack_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
-  """The same model with one parameter subtree per layer (scan_layers off), for decoding.
+def decode_params(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+  """The same model prepared for a decode loop: one subtree per layer, matrices in the compute dtype.
 
   A scanned decode threads the stacked [L, ...] cache through the layer loop
   and writes all of it back at every step (2.5-3x slower on a CPU); per-layer
   caches are updated in place. Slicing the stacked weights costs one copy of
   the parameters per sampling call. remat only matters for gradients, so it is
-  dropped. Config and params of an unscanned model are returned unchanged.
+  dropped. With a compute dtype below float32, the layers' and the head's
+  matrices are cast once here instead of at every step (each use casts them
+  to that dtype anyway, so no output changes); norm scales and the embedding
+  tables (used in float32 by the tied head) stay as stored. Config and params
+  of an unscanned float32 model are returned unchanged.
   """
-  if not cfg.scan_layers:
-    return cfg, params
-  out = {k: v for k, v in params.items() if k != 'layers'}
-  for i in range(cfg.num_layers):
-    out[f'layer_{i}'] = jax.tree.map(lambda p, i=i: p[i], params['layers'])
-  return dataclasses.replace(cfg, scan_layers=False, remat='none'), out
+  if cfg.scan_layers:
+    out = {k: v for k, v in params.items() if k != 'layers'}
+    for i in range(cfg.num_layers):
+      out[f'layer_{i}'] = jax.tree.map(lambda p, i=i: p[i], params['layers'])
+    params, cfg = out, dataclasses.replace(cfg, scan_layers=False, remat='none')
+  if cfg.jnp_dtype != jnp.float32:
+    cast = lambda w: w.astype(cfg.jnp_dtype) if w.ndim >= 2 else w
+    params = {k: jax.tree.map(cast, v) if k.startswith('layer_') or k == 'head' else v
+              for k, v in params.items()}
+  return cfg, params
 
 
 def abstract_params(cfg: ModelConfig):

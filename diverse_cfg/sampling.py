@@ -113,7 +113,7 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   the batch is [cond; uncond] (uncond = learned null prompt), 2B rows through
   one forward with one cache each, and both get the same sampled token.
   """
-  cfg, params = model_lib.unstack_layers(cfg, params)
+  cfg, params = model_lib.decode_params(cfg, params)
   batch = prompt_BxC.shape[0]
   rows = 2 * batch if guided else batch
   prompt_RxC = jnp.concatenate([prompt_BxC, prompt_BxC]) if guided else prompt_BxC

@@ -97,6 +97,24 @@ def test_scan_layers_equals_python_loop():
                              _forward(CFG, params, tokens, prompt, null), atol=1e-5)
 
 
+@pytest.mark.parametrize('tie_embeddings', [True, False])
+def test_decode_params_cast_matrices_once_without_changing_outputs(tie_embeddings):
+  """bfloat16 compute: the decode loop's pre-cast weights give bit-identical logits."""
+  cfg = dataclasses.replace(CFG, dtype='bfloat16', tie_embeddings=tie_embeddings)
+  params = _params(cfg)
+  same_cfg, cast = model_lib.decode_params(cfg, params)
+  assert same_cfg == cfg
+  assert cast['layer_0']['mlp']['gate']['kernel'].dtype == jnp.bfloat16
+  assert cast['layer_0']['attn_norm']['scale'].dtype == jnp.float32
+  assert cast['embed']['embedding'].dtype == jnp.float32
+  tokens, prompt = _batch(cfg)
+  null = jnp.arange(4) >= 2
+  np.testing.assert_array_equal(_forward(cfg, cast, tokens, prompt, null),
+                                _forward(cfg, params, tokens, prompt, null))
+  # float32 params pass through untouched.
+  assert model_lib.decode_params(CFG, params)[1] is params
+
+
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))

@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Start the encoder from the trained embedder's (DIR/embedder; same encoder sizes): the
   # contrastive pretraining on the same real data helps most where labels are few.
   cl.init_from_embedder = True
+  # Class weights in the loss, (training frequency)^-class_balance, normalised to mean 1 over
+  # the training labels: 0 = plain cross-entropy, 1 = every class weighs as much in total.
+  cl.class_balance = 0.0
 
   c.sampling = s = ml_collections.ConfigDict()
   s.gamma = 3.0  # CFG strength; 1 = no guidance
@@ -261,6 +264,8 @@ def validate_classifier(c: ml_collections.ConfigDict) -> None:
            'classifier.prompt_offsets', f'needs one entry per attribute ({n}); leave '
            'num_classes, prompt_offsets and attribute_names empty to take them from the dataset',
            tuple(c.prompt_offsets))
+  _require(c.class_balance >= 0, 'classifier.class_balance',
+           'must be >= 0 (0 = plain cross-entropy, 1 = classes weigh equally)', c.class_balance)
 
 def validate_batch(batch_size: int, field: str, mesh_cfg, num_devices: int) -> None:
   shards = 1

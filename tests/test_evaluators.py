@@ -215,6 +215,38 @@ def test_classifier_starts_from_the_trained_embedders_encoder(trained):
                                        str(root / 'embedder'))
 
 
+def test_class_weights_closed_form():
+  labels = np.array([[0, 2], [0, 2], [0, 2], [1, 2]])  # attribute 0: 3 x class 0, 1 x class 1
+  w = classifier.class_weights(labels, (2, 3), 1.0)
+  # Frequencies with one pseudo-count per class: (4/6, 2/6); 1/freq = (1.5, 3), mean 2 -> /2.
+  np.testing.assert_allclose(w[0], [0.75, 1.5, 0.0], rtol=1e-6)  # padding entry stays 0
+  freq = np.array([1, 1, 5]) / 7.0
+  np.testing.assert_allclose(w[1], 1 / freq / np.sum(freq / freq), rtol=1e-6)
+  np.testing.assert_array_equal(classifier.class_weights(labels, (2, 3), 0.0),
+                                [[1, 1, 0], [1, 1, 1]])
+
+
+def test_class_balanced_loss_weights_each_row_by_its_labels(trained):
+  config = copy.deepcopy(trained['config'])
+  config.classifier.class_balance, config.classifier.init_from_embedder = 0.5, False
+  exp = classifier.prepare(config, jax.devices()[:1])
+  task = classifier.make_task(exp)
+  state, _ = sharding_lib.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
+  batch = next(iter(task.batches))
+  with sharding_lib.activate(exp.mesh, exp.rules):
+    _, m = jax.jit(task.train_step)(state, batch, 0)
+  cl = exp.config.classifier
+  train = stage.split_arrays(exp.sources['train'], ('prompt',))['prompt']
+  w = classifier.class_weights(train - np.array(cl.prompt_offsets), cl.num_classes, 0.5)
+  logp = np.asarray(classifier.build_net(exp.config).apply({'params': state['params']},
+                                                           batch['tokens']))
+  labels = np.asarray(batch['prompt']) - np.array(cl.prompt_offsets)
+  nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+  want = np.mean(nll * w[np.arange(len(cl.num_classes)), labels])
+  np.testing.assert_allclose(float(m['loss']), want, rtol=1e-5)
+  assert abs(want - np.mean(nll)) > 1e-3  # the weights matter for this batch
+
+
 def test_prompt_offsets_select_each_attributes_own_classes():
   """Per-attribute vocabularies (not shared): each attribute's probabilities sum to 1."""
   md = meta_lib.metadata_dict(name='toy', vocab_size=12, seq_len=8, attribute_names=('a', 'b'),

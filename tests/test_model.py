@@ -323,6 +323,7 @@ def test_valid_config_passes():
     (dict(sampling__temperature=0.0), 'sampling.temperature'),
     (dict(model__dtype='float16'), 'model.dtype'),
     (dict(model__prompt_dropout=1.0), 'model.prompt_dropout'),
+    (dict(classifier__class_balance=-0.5), 'classifier.class_balance'),
 ])
 def test_bad_configs_name_the_field(changes, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')):

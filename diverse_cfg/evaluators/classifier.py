@@ -80,6 +80,25 @@ def labels_of(prompt_BxC, offsets_C, num_classes_C):
   return jnp.clip(labels, 0, jnp.asarray(num_classes_C) - 1)
 
 
+# Rows of the training split that class_weights counts (the first ones, in source order).
+CLASS_COUNT_ROWS = 100_000
+
+
+def class_weights(labels_NxA, num_classes_A, balance: float) -> np.ndarray:
+  """[A, K_max] loss weights: (class frequency)^-balance, mean 1 over the given labels.
+
+  Frequencies are counted with one pseudo-count per class, so an unseen class gets a
+  finite weight; padding entries (k >= num_classes[a]) are 0.
+  """
+  k_max = max(num_classes_A)
+  w_AxK = np.zeros((len(num_classes_A), k_max), np.float64)
+  for a, k in enumerate(num_classes_A):
+    freq_K = (np.bincount(labels_NxA[:, a], minlength=k)[:k] + 1.0) / (len(labels_NxA) + k)
+    w_K = freq_K ** -balance
+    w_AxK[a, :k] = w_K / np.sum(freq_K * w_K)
+  return w_AxK.astype(np.float32)
+
+
 def _prompt_probs(net, offsets_C, params, tokens_BxT, prompt_BxC):
   logp_BxAxK = net.apply({'params': params}, tokens_BxT)
   labels_BxA = labels_of(prompt_BxC, offsets_C, net.num_classes)
@@ -143,12 +162,22 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
       return {'params': {**state['params'], 'encoder': embedder_encoder_params(exp, embedder_dir)},
               'opt_state': state['opt_state']}
 
+  weights_AxK = None
+  if cl.class_balance:
+    train_labels = labels_of(
+        stage.split_arrays(exp.sources['train'], ('prompt',), CLASS_COUNT_ROWS)['prompt'],
+        offsets, net.num_classes)
+    weights_AxK = jnp.asarray(class_weights(np.asarray(train_labels), net.num_classes,
+                                            cl.class_balance))
+
   def train_step(state, batch, step):
     labels_BxA = labels_of(batch['prompt'], offsets, net.num_classes)
 
     def loss_fn(params):
       logp_BxAxK = net.apply({'params': params}, batch['tokens'])
       nll_BxA = -jnp.take_along_axis(logp_BxAxK, labels_BxA[..., None], axis=-1)[..., 0]
+      if weights_AxK is not None:
+        nll_BxA = nll_BxA * weights_AxK[jnp.arange(len(offsets)), labels_BxA]
       return jnp.mean(nll_BxA), logp_BxAxK
 
     (loss, logp_BxAxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])

@@ -150,7 +150,8 @@ def _evaluator_section() -> ml_collections.ConfigDict:
   s.dtype = 'float32'
   s.rope_base = 10_000.0
   # Token features embedded besides each token (data.meta.TOKEN_FEATURES): '' = the
-  # dataset's own ('melody' for Essen: pitch class, octave, duration), or 'none'.
+  # dataset's own ('melody_steps' for Essen: pitch class, octave, duration, and the interval
+  # from the previous note; 'melody' without the interval), or 'none'.
   s.token_features = ''
   return s
 

@@ -277,7 +277,7 @@ def test_prompt_offsets_select_each_attributes_own_classes():
 # --- token features ----------------------------------------------------------------------------
 
 def test_melody_token_features_are_the_events_parts():
-  tables = meta_lib.TOKEN_FEATURES['melody']()
+  tables = meta_lib.TOKEN_FEATURES['melody'][0]()
   assert list(tables) == ['pitch_class', 'octave', 'duration']
   assert all(len(t) == melody.VOCAB_SIZE for t in tables.values())
   for midi, dur, want in ((62, 1, (2, 1, 5)), (48, '1/8', (0, 0, 0)), (95, 12, (11, 3, 17)),
@@ -308,13 +308,41 @@ def test_token_features_tie_tokens_that_share_them():
   assert not any(k.startswith('feature_') for k in plain_params)
 
 
+def test_steps_are_intervals_between_the_notes():
+  """The step table's ids on a row: none at the start, across a rest to the note before it."""
+  pitch_V = meta_lib.token_feature_tables('melody_steps').steps[0]
+  assert len(pitch_V) == melody.VOCAB_SIZE and max(pitch_V) == melody.NUM_PITCHES - 1
+  row = [specials.BOS] + [melody.encode_event(m, 1) for m in (60, 64, None, 62, 62)] + [
+      specials.EOS, specials.PAD]
+  none, zero = 2 * 47 + 1, 47
+  np.testing.assert_array_equal(encoder.step_ids(pitch_V, jnp.asarray([row]))[0],
+                                [none, none, zero + 4, none, zero - 2, zero, none, none])
+
+
+def test_an_encoder_of_steps_alone_is_transposition_invariant():
+  """Token embeddings zeroed, only steps embedded: a transposed tune reads the same."""
+  pitch_V = meta_lib.token_feature_tables('melody_steps').steps[0]
+  cfg = encoder.EncoderConfig(vocab_size=melody.VOCAB_SIZE, num_layers=1, d_model=16, num_heads=2,
+                              mlp_dim=32, anchors=True, token_steps=(pitch_V,))
+  net = encoder.Encoder(cfg)
+  tune = lambda pitches: _row([melody.encode_event(m, '1/2') for m in pitches], 10)
+  rows = np.stack([tune((60, 62, None, 67, 65)), tune((65, 67, None, 72, 70)),
+                   tune((60, 63, None, 67, 65))])
+  params = nn.meta.unbox(net.init(jax.random.key(0), rows)['params'])
+  assert params['step_0']['embedding'].shape == (96, 16)
+  params['embed']['embedding'] = jnp.zeros_like(params['embed']['embedding'])
+  out = np.asarray(net.apply({'params': params}, rows))
+  np.testing.assert_allclose(out[1], out[0], atol=1e-6)  # up a fourth
+  assert np.abs(out[2] - out[0]).max() > 1e-3  # one interval changed
+
+
 def test_fill_token_features_from_the_dataset_with_clear_errors():
   def meta(vocab_size, is_melody):
     return meta_lib.DatasetMeta.from_metadata(meta_lib.metadata_dict(
         name='toy', vocab_size=vocab_size, seq_len=8, attribute_names=('a',),
         attribute_sizes=(3,), is_melody=is_melody, split_sizes={}))
   essen_like, other = meta(melody.VOCAB_SIZE, True), meta(12, False)
-  for m, want in ((essen_like, 'melody'), (other, 'none')):
+  for m, want in ((essen_like, 'melody_steps'), (other, 'none')):
     section = essen_config.get_config('smoke').embedder
     stage.fill_token_features(section, 'embedder', m)
     assert section.token_features == want
@@ -325,10 +353,11 @@ def test_fill_token_features_from_the_dataset_with_clear_errors():
     stage.fill_token_features(section, 'classifier', other)
   section.token_features = 'pitches'
   with pytest.raises(config_lib.ConfigError, match=r'classifier.token_features: unknown token '
-                     r'feature set .pitches.; known: none, melody'):
+                     r'feature set .pitches.; known: none, melody, melody_steps'):
     stage.fill_token_features(section, 'classifier', other)
   section.token_features = ''
   with pytest.raises(ValueError, match='resolved from the dataset first'):
     encoder.EncoderConfig.from_section(section, 12)
   old = ml_collections.ConfigDict({k: v for k, v in section.items() if k != 'token_features'})
-  assert encoder.EncoderConfig.from_section(old, 12).token_features == ()  # older checkpoints
+  old_cfg = encoder.EncoderConfig.from_section(old, 12)  # older checkpoints
+  assert old_cfg.token_features == () and old_cfg.token_steps == ()

@@ -330,6 +330,18 @@ def token_features() -> dict[str, list[int]]:
           for name, values_V in out.items()}
 
 
+def token_steps() -> dict[str, list[int]]:
+  """Ordinal values whose step from one event to the next an encoder can embed.
+
+  {'pitch': pitch slot 0..NUM_PITCHES-1 per token id, -1 for rests and specials}:
+  the step between two notes is their interval in semitones (across a rest, to
+  the note before it), which no single token holds.
+  """
+  event_V = np.arange(VOCAB_SIZE) - specials.NUM_SPECIAL
+  slot_V = event_V // NUM_DURATIONS
+  return {'pitch': np.where((event_V < 0) | (slot_V == REST_SLOT), -1, slot_V).tolist()}
+
+
 def describe_vocab() -> dict:
   """JSON-ready description stored in dataset metadata."""
   return {

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -31,19 +31,32 @@ SPLIT_RULE = ('u = first 8 bytes of sha256(split key) as a big-endian '
               'else test')
 
 # Per-token feature sets an encoder can embed besides the token itself, by name:
-# name -> () -> {feature: value per token id}. A config names one (or 'none');
-# the tables are rebuilt from the name, so a checkpoint's config says which.
-TOKEN_FEATURES = {'melody': melody.token_features}
+# name -> (() -> {feature: value per token id}, () -> {feature: ordinal value per token id,
+# -1 = none} or None). The first kind is embedded per token; of the second, the step from the
+# previous token that has a value. A config names a set (or 'none'); the tables are rebuilt
+# from the name, so a checkpoint's config says which. Sets are never changed once used:
+# 'melody' is what checkpoints from f47dcb9 on were trained with.
+TOKEN_FEATURES = {
+    'melody': (melody.token_features, None),
+    'melody_steps': (melody.token_features, melody.token_steps),
+}
 
 
-def token_feature_tables(name: str) -> tuple[tuple[int, ...], ...]:
-  """The tables of a registered feature set, one per feature; () for 'none'."""
+class TokenTables(NamedTuple):
+  values: tuple[tuple[int, ...], ...] = ()  # one table per feature: value per token id
+  steps: tuple[tuple[int, ...], ...] = ()  # ordinal value per token id, -1 = none
+
+
+def token_feature_tables(name: str) -> TokenTables:
+  """The tables of a registered feature set; empty for 'none'."""
   if name == 'none':
-    return ()
+    return TokenTables()
   if name not in TOKEN_FEATURES:
     raise ValueError(f'unknown token feature set {name!r}; known: none, '
                      f'{", ".join(sorted(TOKEN_FEATURES))}')
-  return tuple(tuple(int(v) for v in values) for values in TOKEN_FEATURES[name]().values())
+  as_tuples = lambda fn: tuple(tuple(int(v) for v in t) for t in (fn() if fn else {}).values())
+  values_fn, steps_fn = TOKEN_FEATURES[name]
+  return TokenTables(values=as_tuples(values_fn), steps=as_tuples(steps_fn))
 
 
 def hash_split(key: bytes, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
@@ -152,7 +165,7 @@ class DatasetMeta:
   @property
   def token_features(self) -> str:
     """The feature set that describes this dataset's tokens (see TOKEN_FEATURES)."""
-    return 'melody' if self.is_melody else 'none'
+    return 'melody_steps' if self.is_melody else 'none'
 
   def value_names(self, attribute: int | str) -> tuple[str, ...]:
     i = self._index(attribute)

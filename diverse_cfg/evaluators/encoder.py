@@ -12,8 +12,10 @@ does not.
 A dataset can say what its tokens are made of (data.meta.TOKEN_FEATURES; for
 melodies: pitch class, octave and duration of each pitch x duration event):
 each feature value then has an embedding of its own, added to the token's, so
-what the parts share is learnt from every token holding them. The encoder only
-sees integer tables; it assumes nothing about what they mean.
+what the parts share is learnt from every token holding them. Ordinal values
+(for melodies: pitch) can be declared too; then the step from the previous token
+that has one (the interval) is embedded, which no single token holds. The
+encoder only sees integer tables; it assumes nothing about what they mean.
 
 Norms and rotary come from model.py; attention and MLP are written here
 because they take a padding mask instead of a cache. Every parameter carries
@@ -51,20 +53,23 @@ class EncoderConfig:
   # Tables of per-token features (value of feature f for token id t = token_features[f][t]);
   # each feature value has an embedding, added to the token's own.
   token_features: tuple[tuple[int, ...], ...] = ()
+  # Tables of ordinal values (-1 = none); the step from the previous token with a value
+  # (e.g. a melody's interval) has an embedding, added too.
+  token_steps: tuple[tuple[int, ...], ...] = ()
 
   @classmethod
   def from_section(cls, section: ml_collections.ConfigDict, vocab_size: int,
                    anchors: bool = False) -> 'EncoderConfig':
-    skip = ('vocab_size', 'anchors', 'token_features')
+    skip = ('vocab_size', 'anchors', 'token_features', 'token_steps')
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
     # Checkpoints from before token features have no field: they had none.
     features = section.get('token_features', 'none')
     if not features:
       raise ValueError("token_features='' is resolved from the dataset first "
                        '(evaluators.stage.fill_token_features)')
-    return cls(vocab_size=int(vocab_size), anchors=anchors,
-               token_features=meta_lib.token_feature_tables(features),
-               **{f: section[f] for f in fields})
+    tables = meta_lib.token_feature_tables(features)
+    return cls(vocab_size=int(vocab_size), anchors=anchors, token_features=tables.values,
+               token_steps=tables.steps, **{f: section[f] for f in fields})
 
   @property
   def head_dim(self) -> int:
@@ -116,6 +121,27 @@ def anchored(tokens_BxT: jax.Array) -> jax.Array:
   last_B = jnp.max(jnp.where(content_BxT, jnp.arange(length), -1), axis=1)  # -1: no events
   eos_at_BxT2 = jnp.arange(length + 2)[None, :] == last_B[:, None] + 2
   return jnp.where(eos_at_BxT2, specials.EOS, out_BxT2)
+
+
+def lookup(table_V: Sequence[int], tokens_BxT: jax.Array) -> jax.Array:
+  """Per-token table values; ids past the table (the padded vocabulary's spare rows) read its last."""
+  return jnp.asarray(table_V, jnp.int32)[jnp.minimum(tokens_BxT, len(table_V) - 1)]
+
+
+def step_ids(table_V: Sequence[int], tokens_BxT: jax.Array) -> jax.Array:
+  """Embedding ids of the step of an ordinal value (-1 = none) from the previous token with one.
+
+  Step s in [-m, m] (m = the table's largest value) -> s + m; a token without a value, or with
+  none before it, -> 2m + 1.
+  """
+  top = max(table_V)
+  v_BxT = lookup(table_V, tokens_BxT)
+  length = v_BxT.shape[1]
+  last_BxT = jax.lax.cummax(jnp.where(v_BxT >= 0, jnp.arange(length), -1), axis=1)
+  prev_at_BxT = jnp.concatenate([jnp.full_like(last_BxT[:, :1], -1), last_BxT[:, :-1]], axis=1)
+  prev_BxT = jnp.take_along_axis(v_BxT, jnp.maximum(prev_at_BxT, 0), axis=1)
+  ok_BxT = (v_BxT >= 0) & (prev_at_BxT >= 0)
+  return jnp.where(ok_BxT, v_BxT - prev_BxT + top, 2 * top + 1)
 
 
 def _kernel(module: nn.Module, name: str, shape, names, dtype):
@@ -191,13 +217,14 @@ class Encoder(nn.Module):
                                             ('vocab', 'embed'))
     x_BxTxD = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init,
                        name='embed')(tokens_BxT).astype(c.jnp_dtype)
+    feature_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
+                                                ('feature_values', 'embed'))
     for i, table_V in enumerate(c.token_features):
-      # Ids past the table (the padded vocabulary's spare rows) read its last entry.
-      ids_BxT = jnp.asarray(table_V, jnp.int32)[jnp.minimum(tokens_BxT, len(table_V) - 1)]
-      feature_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
-                                                  ('feature_values', 'embed'))
       x_BxTxD = x_BxTxD + nn.Embed(max(table_V) + 1, c.d_model, embedding_init=feature_init,
-                                   name=f'feature_{i}')(ids_BxT).astype(c.jnp_dtype)
+                                   name=f'feature_{i}')(lookup(table_V, tokens_BxT)).astype(c.jnp_dtype)
+    for i, table_V in enumerate(c.token_steps):
+      x_BxTxD = x_BxTxD + nn.Embed(2 * max(table_V) + 2, c.d_model, embedding_init=feature_init,
+                                   name=f'step_{i}')(step_ids(table_V, tokens_BxT)).astype(c.jnp_dtype)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
     for i in range(c.num_layers):
       x_BxTxD = EncoderBlock(c, name=f'layer_{i}')(x_BxTxD, mask_BxT)

@@ -57,9 +57,10 @@ def fill_token_features(section: ml_collections.ConfigDict, field: str, meta) ->
     tables = meta_lib.token_feature_tables(name)
   except ValueError as e:
     raise config_lib.ConfigError(f'config.{field}.token_features: {e}') from None
-  if tables and len(tables[0]) != meta.vocab_size:
+  sizes = {len(t) for t in tables.values + tables.steps}
+  if sizes and sizes != {meta.vocab_size}:
     raise config_lib.ConfigError(
-        f'config.{field}.token_features={name!r} describes {len(tables[0])} token ids but '
+        f'config.{field}.token_features={name!r} describes {max(sizes)} token ids but '
         f'dataset {meta.name!r} has {meta.vocab_size}; use \'\' (the dataset\'s own) or \'none\'')
   section.token_features = name
 

@@ -314,7 +314,7 @@ def step(cfg: ModelConfig, params, tokens_BxT, cache: Cache, start, prompt_BxC=N
 
 
 def decode_params(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
-  """The same model prepared for a decode loop: one subtree per layer, matrices in the compute dtype.
+  """The model prepared for a decode loop: one subtree per layer, matrices in the compute dtype.
 
   A scanned decode threads the stacked [L, ...] cache through the layer loop
   and writes all of it back at every step (2.5-3x slower on a CPU); per-layer

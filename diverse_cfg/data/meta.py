@@ -35,7 +35,7 @@ SPLIT_RULE = ('u = first 8 bytes of sha256(split key) as a big-endian '
 # -1 = none} or None). The first kind is embedded per token; of the second, the step from the
 # previous token that has a value. A config names a set (or 'none'); the tables are rebuilt
 # from the name, so a checkpoint's config says which. Sets are never changed once used:
-# 'melody' is what checkpoints from f47dcb9 on were trained with.
+# 'melody' is what checkpoints from f47dcb9 to 9640baf were trained with.
 TOKEN_FEATURES = {
     'melody': (melody.token_features, None),
     'melody_steps': (melody.token_features, melody.token_steps),

@@ -124,7 +124,7 @@ def anchored(tokens_BxT: jax.Array) -> jax.Array:
 
 
 def lookup(table_V: Sequence[int], tokens_BxT: jax.Array) -> jax.Array:
-  """Per-token table values; ids past the table (the padded vocabulary's spare rows) read its last."""
+  """Values per token; ids past the table (the padded vocabulary's spare rows) read the end."""
   return jnp.asarray(table_V, jnp.int32)[jnp.minimum(tokens_BxT, len(table_V) - 1)]
 
 
@@ -219,12 +219,13 @@ class Encoder(nn.Module):
                        name='embed')(tokens_BxT).astype(c.jnp_dtype)
     feature_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
                                                 ('feature_values', 'embed'))
-    for i, table_V in enumerate(c.token_features):
-      x_BxTxD = x_BxTxD + nn.Embed(max(table_V) + 1, c.d_model, embedding_init=feature_init,
-                                   name=f'feature_{i}')(lookup(table_V, tokens_BxT)).astype(c.jnp_dtype)
-    for i, table_V in enumerate(c.token_steps):
-      x_BxTxD = x_BxTxD + nn.Embed(2 * max(table_V) + 2, c.d_model, embedding_init=feature_init,
-                                   name=f'step_{i}')(step_ids(table_V, tokens_BxT)).astype(c.jnp_dtype)
+    embeds = [(f'feature_{i}', max(t) + 1, lookup(t, tokens_BxT))
+              for i, t in enumerate(c.token_features)]
+    embeds += [(f'step_{i}', 2 * max(t) + 2, step_ids(t, tokens_BxT))
+               for i, t in enumerate(c.token_steps)]
+    for name, num_values, ids_BxT in embeds:
+      x_BxTxD = x_BxTxD + nn.Embed(num_values, c.d_model, embedding_init=feature_init,
+                                   name=name)(ids_BxT).astype(c.jnp_dtype)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
     for i in range(c.num_layers):
       x_BxTxD = EncoderBlock(c, name=f'layer_{i}')(x_BxTxD, mask_BxT)

@@ -312,6 +312,13 @@ def piano_roll_png(rows, path, titles: Sequence[str] | None = None) -> None:
   plt.close(fig)
 
 
+def _event_parts():
+  """Per token id: (is a special, is a rest, pitch slot, duration index) of its event."""
+  event_V = np.arange(VOCAB_SIZE) - specials.NUM_SPECIAL
+  slot_V = event_V // NUM_DURATIONS
+  return event_V < 0, slot_V == REST_SLOT, slot_V, event_V % NUM_DURATIONS
+
+
 def token_features() -> dict[str, list[int]]:
   """What each token id is made of, for encoders that embed the parts too.
 
@@ -320,9 +327,7 @@ def token_features() -> dict[str, list[int]]:
   own in each. Both halves of an event share one token, so without these an
   encoder must learn separately that 864 ids hold 12 pitch classes.
   """
-  event_V = np.arange(VOCAB_SIZE) - specials.NUM_SPECIAL
-  slot_V, dur_V = event_V // NUM_DURATIONS, event_V % NUM_DURATIONS
-  special_V, rest_V = event_V < 0, slot_V == REST_SLOT
+  special_V, rest_V, slot_V, dur_V = _event_parts()
   out = {'pitch_class': np.where(rest_V, 12, (slot_V + PITCH_LOW) % 12),
          'octave': np.where(rest_V, NUM_PITCHES // 12, slot_V // 12),
          'duration': dur_V}
@@ -337,9 +342,8 @@ def token_steps() -> dict[str, list[int]]:
   the step between two notes is their interval in semitones (across a rest, to
   the note before it), which no single token holds.
   """
-  event_V = np.arange(VOCAB_SIZE) - specials.NUM_SPECIAL
-  slot_V = event_V // NUM_DURATIONS
-  return {'pitch': np.where((event_V < 0) | (slot_V == REST_SLOT), -1, slot_V).tolist()}
+  special_V, rest_V, slot_V, _ = _event_parts()
+  return {'pitch': np.where(special_V | rest_V, -1, slot_V).tolist()}
 
 
 def describe_vocab() -> dict:

@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 
 from diverse_cfg import checkpoints
+from diverse_cfg import config_lib
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
-from diverse_cfg import config_lib
 from diverse_cfg.data import meta as meta_lib
 from diverse_cfg.data import pipeline
 

@@ -9,7 +9,7 @@ and resumes from it automatically when started again.
 Sampling from any checkpoint (diverse_cfg/sample.py; no --config, the checkpoint has it):
 
     python -m diverse_cfg.main --stage=sample --checkpoint=/tmp/run/pretrain --gamma=3 \
-        --prompt=region=germany,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
+        --prompt=region=german_speaking,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
 
 Several processes (diverse_cfg/distributed.py; launch/ has scripts for a TPU
 pod, a SLURM GPU cluster and local CPU processes): every process runs the same

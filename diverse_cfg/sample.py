@@ -1,7 +1,7 @@
 """Samples from any checkpoint, on whatever devices are present.
 
     python -m diverse_cfg.main --stage=sample --checkpoint=DIR/students/beta_0 \
-        --prompt=region=germany,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
+        --prompt=region=german_speaking,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
     diverse-cfg sample --checkpoint=DIR/pretrain --gamma=3 --prompt=...     (CFG teacher)
     diverse-cfg sample --checkpoint=DIR/students/beta_0 --merge_with=DIR/students/beta_8 \
         --merge_lambda=0.5 --prompt=...                                      (merged on the fly)
@@ -156,14 +156,14 @@ def describe_prompts(meta) -> str:
 
 
 def parse_prompt(text: str) -> dict[str, str]:
-  """'region=germany,meter=3/4,mode=major' -> {'region': 'germany', ...}."""
+  """'region=german_speaking,meter=3/4,mode=major' -> {'region': 'german_speaking', ...}."""
   values = {}
   for part in text.split(','):
     name, sep, value = part.partition('=')
     name, value = name.strip(), value.strip()
     if not sep or not name or not value:
       raise SampleArgumentError(f'--prompt={text!r}: expected attribute=value pairs separated by '
-                                'commas, e.g. --prompt=region=germany,meter=3/4,mode=major')
+                                'commas, e.g. --prompt=region=german_speaking,meter=3/4,mode=major')
     if name in values:
       raise SampleArgumentError(f'--prompt={text!r}: attribute {name!r} given twice')
     values[name] = value

@@ -168,9 +168,13 @@ def test_wav_and_piano_roll_are_written(tmp_path):
 
 
 def test_attribute_rules():
-  assert essen.region_of('Europa, Mitteleuropa, Deutschland') == 'germany'
-  assert essen.region_of('Mitteleuropa, Deutschland / Frankreich, '
-                         'Lothringen') == 'lorraine'
+  for origin in ('Europa, Mitteleuropa, Deutschland', 'Lothringen', 'Luxemburg',
+                 'Mitteleuropa, Deutschland / Frankreich, Lothringen',
+                 'Europa, Mitteleuropa, Oesterreich, Tirol',
+                 'Osteuropa, Tschechoslowakei, Oesterreich - Schlesien',
+                 'Mitteleuropa, Deutschland / Polen, Schlesien'):
+    assert essen.region_of(origin) == 'german_speaking', origin
+  assert essen.region_of('Osteuropa, Ungarn') == 'eastern_europe'
   assert essen.region_of('China, Shaanxi, Zizhou') == 'china'
   assert essen.region_of('Irland') == 'other'
   assert essen.meter_of(' 6/8') == '6/8'
@@ -189,7 +193,7 @@ def test_essen_examples_have_the_documented_layout(essen_small):
   assert m.name == 'essen_folk' and m.is_melody
   assert (m.vocab_size, m.seq_len, m.prompt_len) == (melody.VOCAB_SIZE, 128, 3)
   assert m.attribute_names == ('region', 'meter', 'mode')
-  assert m.prompt_vocab_size == sum(m.attribute_sizes) == 18
+  assert m.prompt_vocab_size == sum(m.attribute_sizes) == 4 + 5 + 6
   examples = _all_examples(sources)
   for _, ex in examples:
     tokens, n = ex['tokens'], int(ex['length'])

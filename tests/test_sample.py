@@ -17,7 +17,7 @@ from diverse_cfg import sharding as sharding_lib
 from diverse_cfg.data import melody
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ('region=germany,meter=3/4,mode=major', 'region=china,meter=2/4,mode=minor')
+PROMPTS = ('region=german_speaking,meter=3/4,mode=major', 'region=china,meter=2/4,mode=minor')
 
 
 @pytest.fixture(scope='module')
@@ -101,9 +101,9 @@ def test_unknown_prompt_values_are_rejected_with_the_valid_ones(base_ckpt):
                devices=jax.devices()[:1])
   message = str(info.value)
   assert "unknown value 'atlantis' for attribute 'region'" in message
-  assert all(name in message for name in ('germany', 'china', 'alpine', '6/8', 'dorian'))
+  assert all(name in message for name in ('german_speaking', 'china', 'eastern_europe', '6/8', 'dorian'))
   with pytest.raises(sample.SampleArgumentError, match="missing \\['mode'\\]"):
-    sample.run(base_ckpt, ['region=germany,meter=3/4'], devices=jax.devices()[:1])
+    sample.run(base_ckpt, ['region=german_speaking,meter=3/4'], devices=jax.devices()[:1])
   with pytest.raises(sample.SampleArgumentError, match='attribute=value pairs'):
     sample.run(base_ckpt, ['germany'], devices=jax.devices()[:1])
 

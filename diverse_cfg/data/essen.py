@@ -6,8 +6,13 @@ is downloaded. Each tune is parsed with music21's ABC reader, tokenised with
 attributes read from its headers:
 
   region  O: origin, grouped by ordered keyword rules (REGION_RULES) into
-          regions that each hold a couple of hundred tunes or more; the
-          rest is 'other'.
+          german_speaking (Germany, Lorraine, Luxembourg, Austria,
+          Switzerland), china, eastern_europe, and 'other' for the rest.
+          Version 1.0.0 split the German-speaking group by origin
+          (lorraine, luxembourg, germany, alpine); those are one repertoire
+          that neither the evaluators nor a tree probe on hand-made features
+          could tell apart (README, "Results"), so a prompt naming one of
+          them asked for something no quality score can check.
   meter   M: header: 2/4, 3/4, 4/4, 6/8, else 'other' (incl. 'none', 3/8, 4/2).
   mode    K: in Essen is a key signature, not a key (only 16 of 8514 headers
           name a mode), so the mode is the degree of the tune's final note in
@@ -58,15 +63,12 @@ from diverse_cfg.data import meta
 DATASET_NAME = 'essen_folk'
 
 # Ordered: the first rule whose keyword occurs in the lower-cased O: header
-# wins, so 'Deutschland / Frankreich, Lothringen' is lorraine and
-# 'Deutschland / Polen, Schlesien' is germany.
+# wins, so 'Deutschland / Polen, Schlesien' is german_speaking.
 REGION_RULES = (
-    ('lorraine', ('lothring',)),
-    ('luxembourg', ('luxemb',)),
+    ('german_speaking', ('deutschland', 'lothring', 'luxemb', 'oesterreich',
+                         'schweiz', 'tirol', 'steiermark', 'kaernten',
+                         'salzburg', 'vorarlberg')),
     ('china', ('china', 'taiwan', 'yunnan', 'hunan')),
-    ('germany', ('deutschland',)),
-    ('alpine', ('oesterreich', 'schweiz', 'tirol', 'steiermark', 'kaernten',
-                'salzburg', 'vorarlberg')),
     ('eastern_europe', ('osteuropa', 'suedosteuropa', 'jugoslaw', 'udssr',
                         'ungarn', 'tschech', 'rumaen', 'polen', 'russ')),
 )
@@ -312,8 +314,11 @@ class EssenFolk(tfds.core.GeneratorBasedBuilder):
   # (absent here) for builders inside a package; it only locates checksums.
   code_path = epath.Path(__file__)
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'pitch x duration tokens, 3 attributes.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'pitch x duration tokens, 3 attributes.',
+      '2.0.0': 'region: the four German-speaking groups are one (7 -> 4 regions).',
+  }
   BUILDER_CONFIGS = [EssenFolkConfig(name='seq128', seq_len=128),
                      EssenFolkConfig(name='seq64', seq_len=64)]
   DEFAULT_CONFIG_NAME = 'seq128'

@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu.sh OUT_DIR [STEPS]
 #
 # STEPS: a comma list of medium,sampling,large (default: all three, in that order). On an H100 the
-# first two took 170 s and 150 s; gpu_large (403M params) needs ~190 s up to its rollout and more for
-# the whole finetuning step's compilation, so inside a 10-minute call give it a call of its own.
+# first two took 170 s and 150 s; gpu_large (403M params) took 305 s (its whole finetuning step
+# compiles in ~41 s), so inside a 10-minute call give it a call of its own.
 #
 # Needs JAX with CUDA. Packages the GPU image may lack (ml-collections, grain, array-record,
 # portpicker) can be carried as wheels in .whl/; they are installed into /tmp/site when present.

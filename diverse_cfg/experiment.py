@@ -34,15 +34,26 @@ _SIZE_FIELDS = {'vocab_size': 'vocab_size', 'prompt_vocab_size': 'prompt_vocab_s
                 'prompt_len': 'prompt_len', 'seq_len': 'seq_len'}
 
 
-def fill_model_sizes(config: ml_collections.ConfigDict, meta) -> None:
+def fill_model_sizes(config: ml_collections.ConfigDict, meta, checkpoint: str | None = None) -> None:
+  """Sets the model's data-given sizes; a size that disagrees with the data raises.
+
+  With `checkpoint`, `config` is that checkpoint's and the error says so: its sizes are fixed, so
+  the data must be the data it was trained on.
+  """
   for field, attr in _SIZE_FIELDS.items():
     have, want = config.model[field], getattr(meta, attr)
     if have == config_lib.FROM_DATA:
       config.model[field] = int(want)
-    elif have != want:
+    elif have != want and checkpoint is None:
       raise config_lib.ConfigError(
           f'config.model.{field}={have} but dataset {meta.name!r} has {attr}={want}; '
           f'leave it at {config_lib.FROM_DATA} to take it from the data')
+    elif have != want:
+      raise config_lib.ConfigError(
+          f'{checkpoint} was trained with model.{field}={have}, but dataset {meta.name!r} in '
+          f'{config.data.data_dir or meta_lib.default_data_dir()} now has {attr}={want}. Sample it '
+          'against the data it was trained on (--data_dir); an essen_folk build older than this '
+          'library (e.g. 1.0.0, which had 7 regions) needs the library version that built it')
 
 
 def load_data(config: ml_collections.ConfigDict):

@@ -144,7 +144,7 @@ def load(checkpoint: str, *, merge_with: str | None = None, merge_lambda: float 
     params = merge_lib.merge_params(params, other, float(merge_lambda))
     description.update(merge_with=os.path.abspath(other_dir), merge_lambda=float(merge_lambda))
   _, meta = experiment_lib.load_data(config)
-  experiment_lib.fill_model_sizes(config, meta)  # raises if the data no longer fits the model
+  experiment_lib.fill_model_sizes(config, meta, checkpoint=os.path.abspath(ckpt_dir))
   return Model(config=config, model_cfg=model_cfg, params=params, mesh=jax_mesh, rules=rules,
                meta=meta, description=description)
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from configs import essen as essen_config
+from diverse_cfg import config_lib
 from diverse_cfg import pretrain
 from diverse_cfg import sample
 from diverse_cfg import sharding as sharding_lib
+from diverse_cfg.data import essen
 from diverse_cfg.data import melody
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +108,18 @@ def test_unknown_prompt_values_are_rejected_with_the_valid_ones(base_ckpt):
     sample.run(base_ckpt, ['region=german_speaking,meter=3/4'], devices=jax.devices()[:1])
   with pytest.raises(sample.SampleArgumentError, match='attribute=value pairs'):
     sample.run(base_ckpt, ['germany'], devices=jax.devices()[:1])
+
+
+def test_a_checkpoint_whose_data_changed_is_refused_naming_both(base_ckpt, tmp_path, monkeypatch):
+  # The same subset built with one more region (as essen_folk 2.0.0 changed the regions).
+  regions = essen.REGIONS + ('atlantis',)
+  monkeypatch.setattr(essen, 'ATTRIBUTES', (('region', regions),) + essen.ATTRIBUTES[1:])
+  with pytest.raises(config_lib.ConfigError) as info:
+    sample.load(base_ckpt, devices=jax.devices()[:1], data_dir=str(tmp_path / 'data'))
+  message = str(info.value)
+  assert os.path.abspath(base_ckpt) in message and str(tmp_path / 'data') in message
+  assert f'prompt_vocab_size={sum(map(len, (essen.REGIONS, essen.METERS, essen.MODES)))}' in message
+  assert f'prompt_vocab_size={len(regions) + len(essen.METERS) + len(essen.MODES)}' in message
 
 
 def test_merging_on_the_fly_restores_both_and_interpolates(base_ckpt):

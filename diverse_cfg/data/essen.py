@@ -10,9 +10,10 @@ attributes read from its headers:
           Switzerland), china, eastern_europe, and 'other' for the rest.
           Version 1.0.0 split the German-speaking group by origin
           (lorraine, luxembourg, germany, alpine); those are one repertoire
-          that neither the evaluators nor a tree probe on hand-made features
-          could tell apart (README, "Results"), so a prompt naming one of
-          them asked for something no quality score can check.
+          that neither the classifier nor a tree probe on hand-made features
+          told apart well (7-way accuracy 0.75-0.78 against a majority rate
+          of 0.65; README, "Results"), so a prompt naming one of them asked
+          for something the quality score could hardly check.
   meter   M: header: 2/4, 3/4, 4/4, 6/8, else 'other' (incl. 'none', 3/8, 4/2).
   mode    K: in Essen is a key signature, not a key (only 16 of 8514 headers
           name a mode), so the mode is the degree of the tune's final note in

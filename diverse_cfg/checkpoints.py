@@ -56,13 +56,13 @@ def check_shapes(item_dir: str, abstract: Any, what: str) -> None:
   if missing or extra:
     raise IncompatibleCheckpoint(
         f'{what} in {item_dir} does not match the configured model: missing {missing[:5]}, '
-        f'unexpected {extra[:5]} (was it trained with another config?)')
+        f'unexpected {extra[:5]} (was it trained with another config, or on other data?)')
   for k, want in want_leaves.items():
     have = tuple(saved_leaves[k].shape)
     if have != tuple(want.shape):
       raise IncompatibleCheckpoint(
           f'{what} {k} in {item_dir} has shape {have} but the configured model needs '
-          f'{tuple(want.shape)} (was it trained with another config?)')
+          f'{tuple(want.shape)} (was it trained with another config, or on other data?)')
 
 
 class _QuietReadOnly(logging.Filter):

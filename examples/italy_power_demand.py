@@ -16,7 +16,7 @@ April-September (label 2, 'summer').
 Tokenisation: one token per hour, so every row has exactly T = 24 events (no
 padding). A value x becomes floor((x + clip) / (2 clip) * levels), clipped to
 [0, levels): `levels` equal-width bins over [-clip, clip] (defaults 16 and
-2.0; about 1% of values lie beyond +-2 and fall in the end bins). The bins are
+2.0; 0.7% of values lie beyond +-2 and fall in the end bins). The bins are
 fixed, not fitted, so a subset is tokenised exactly as the full set.
 
 Prompt: one attribute, `season` (0 = winter, Oct-Mar, 547 rows; 1 = summer,
@@ -33,7 +33,8 @@ Caveat: the days carry no date, and neighbouring days look alike, so a random
 split puts near-twins of test days in train; the two classes overlap in spring
 and autumn.
 
-Usage: python -m examples.italy_power_demand --out=/work/datasets/italy_power_demand.npz
+Usage:
+  python -m examples.italy_power_demand --out=/work/datasets/italy_power_demand.npz
 """
 
 from __future__ import annotations

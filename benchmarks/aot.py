@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import inspect
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -216,13 +218,25 @@ def finetune_program(exp) -> Program:
   frozen = {'teacher': state['params'], 'embedder': emb_params}
   frozen_s = {'teacher': shardings['params'], 'embedder': jax.tree.map(lambda _: repl, emb_params)}
   step = finetune.finetune_step_fn(cfg, f, tx, schedule, float(max(f.betas)), exp.config.seed,
-                                   embedder_lib.make_embedder(net, None).apply)
+                                   embedder_lib.make_embedder(net, None).apply,
+                                   **_finetune_settings(exp))
   fn = jax.jit(step, in_shardings=(shardings, batch_s, repl, frozen_s),
                out_shardings=(shardings, repl), donate_argnums=0)
   batch = {'prompt': _abstract((f.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
   rows = f.batch_size * f.k
   return Program(fn, (state, batch, _abstract((), jnp.int32, repl), frozen),
                  finetune.finetune_flops(cfg, rows), decode_steps=cfg.seq_len)
+
+
+def _finetune_settings(exp) -> dict[str, Any]:
+  """The teacher's guidance and the length bounds, as finetune.make_task passes them."""
+  wanted = inspect.signature(finetune.finetune_step_fn).parameters
+  out = {}
+  if 'guidance' in wanted:
+    out['guidance'] = finetune.teacher_guidance(exp.config)
+  if 'bounds' in wanted:
+    out['bounds'] = exp.length_bounds
+  return out
 
 
 def nn_unbox(tree):
@@ -478,17 +492,30 @@ def collectives(text: str) -> dict[str, Any]:
 
 
 def compile_program(exp, program: Program):
-  with sharding.activate(exp.mesh, exp.rules):
+  """(traced, compiled, optimised HLO text) of a program, compiled for the mesh's devices.
+
+  The HLO is the compiler's own dump: jaxlib cannot always read back the module of a
+  newer libtpu (on v5p, libtpu 0.0.52's async-update instructions fail jaxlib 0.10.2's
+  check), while the text libtpu writes needs no round trip.
+  """
+  with tempfile.TemporaryDirectory() as dump, sharding.activate(exp.mesh, exp.rules):
     traced = program.fn.trace(*program.args)
-    compiled = traced.lower().compile()
-  return traced, compiled
+    compiled = traced.lower().compile(
+        {'xla_dump_to': dump, 'xla_dump_hlo_as_text': True})
+    dumps = sorted(glob.glob(os.path.join(dump, '*after_optimizations.txt')), key=os.path.getsize)
+    if dumps:
+      with open(dumps[-1]) as fh:
+        text = fh.read()
+    else:
+      text = compiled.as_text()
+  return traced, compiled, text
 
 
 def analyse(exp, name: str, program: Program, chip: Chip) -> dict[str, Any]:
   """Compiles one program and measures it; raises AotError if XLA finds it does not fit."""
   start = time.perf_counter()
   try:
-    traced, compiled = compile_program(exp, program)
+    traced, compiled, hlo_text = compile_program(exp, program)
   except Exception as e:  # pylint: disable=broad-except
     if 'RESOURCE_EXHAUSTED' in str(e) or 'Ran out of memory' in str(e):
       raise AotError(f'{name}: does not fit in {chip.name} HBM ({chip.hbm_bytes / GiB:.0f} GiB '
@@ -509,7 +536,7 @@ def analyse(exp, name: str, program: Program, chip: Chip) -> dict[str, Any]:
   weight_bytes = cfg.num_params() * jnp.dtype(cfg.dtype).itemsize / exp.mesh.shape['tensor']
   hbm_floor = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
                program.decode_steps * weight_bytes)
-  hlo = collectives(compiled.as_text())
+  hlo = collectives(hlo_text)
   terms = {'compute': flops / chip.peak_bf16, 'HBM': hbm_floor / chip.hbm_bandwidth}
   if chip.ici_bandwidth:
     # A ring collective over g chips moves (g - 1) / g of its buffer through each chip,

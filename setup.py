@@ -31,6 +31,8 @@ setup(
         # exactly: 2.13.0 is the CPU-only wheel these machines install from local disk; any range
         # (or a newer torch) resolves to the multi-GB CUDA build from the index.
         'peer': ['torch==2.13.0', 'transformers>=5.24,<6'],
+        # examples/italy_power_demand.py reads the UCR data bundled in sktime's wheel.
+        'examples': ['sktime==1.2.0'],
     },
     entry_points={'console_scripts': ['diverse-cfg=diverse_cfg.cli:run']},
 )

@@ -106,7 +106,8 @@ def naive_generate(cfg: model_lib.ModelConfig, num_new_tokens: int, num_steps: i
     buf_BxN, lps_BxN, done_B = carry
     logits_BxNxV = model_lib.forward(cfg, params, buf_BxN, prompt_BxC, null_B)
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxNxV, t, axis=1, keepdims=False)
-    logp_BxV = sampling.sampling_log_probs(logits_BxV, None, 1.0, temperature, top_k)
+    logp_BxV = sampling.sampling_log_probs(logits_BxV, None, sampling.Guidance(), temperature,
+                                           top_k, jnp.full((batch,), t), sampling.LengthBounds())
     tok_B, lp_B, done_B = sampling.draw(u_NxB[t], logp_BxV, done_B)
     buf_BxN = jax.lax.dynamic_update_slice(buf_BxN, tok_B[:, None], (0, t))
     lps_BxN = jax.lax.dynamic_update_slice(lps_BxN, lp_B[:, None], (0, t))

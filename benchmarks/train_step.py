@@ -228,7 +228,8 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
     if 'rollout' in parts_wanted:
       def time_rollout(name):  # a fresh jit, traced inside timed()
         rollout = jax.jit(functools.partial(sampling.generate, cfg, cfg.seq_len, False))
-        return timed(lambda: rollout(params, ft_prompt, jax.random.key(0), 1.0, 1.0, 0),
+        return timed(lambda: rollout(params, ft_prompt, jax.random.key(0), sampling.Guidance(),
+                                     1.0, 0, sampling.LengthBounds()),
                      repeats=repeats, name=name)
       parts['rollout'] = (time_rollout('rollout'), 1)
       if cfg.dtype != 'float32':
@@ -237,7 +238,8 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
           parts['rollout_cast_per_step'] = (time_rollout('rollout_cast_per_step'), 1)
     if 'teacher_scoring' in parts_wanted:
       score = jax.jit(functools.partial(sampling.score, cfg))
-      parts['teacher_scoring'] = (timed(lambda: score(params, ft_tokens, ft_prompt, 3.0),
+      guidance = finetune.teacher_guidance(c)
+      parts['teacher_scoring'] = (timed(lambda: score(params, ft_tokens, ft_prompt, guidance),
                                         repeats=repeats, name='teacher_scoring'), 2)
     if 'student_fwd_bwd' in parts_wanted:
       loss = lambda p: jnp.mean(pretrain.lm_loss(cfg, p, ft_tokens, ft_prompt,
@@ -247,7 +249,8 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
                                            name='student_fwd_bwd'), 3)
     if 'whole_step' in parts_wanted:
       ft_state = {'params': params, 'opt_state': state['opt_state']}
-      ft_step = jax.jit(finetune.finetune_step_fn(cfg, f, tx, schedule, 8.0, 0, embed))
+      ft_step = jax.jit(finetune.finetune_step_fn(cfg, f, tx, schedule, 8.0, 0, embed,
+                                                  finetune.teacher_guidance(c)))
       frozen = {'teacher': params, 'embedder': {}}
       batch_p = {'prompt': ft_prompt[::k]}
       parts['whole_step'] = (timed(lambda: ft_step(ft_state, batch_p, jnp.int32(0), frozen),

@@ -12,6 +12,9 @@ from typing import Any
 import ml_collections
 
 FROM_DATA = -1  # model sizes taken from the dataset's metadata
+# Guidance's plausibility threshold alpha (DESIGN.md 6) where a config or checkpoint names
+# none; chosen by measurement on three datasets (docs/guidance.md).
+DEFAULT_PLAUSIBILITY = 0.1
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.name = 'essen_folk'  # 'essen_folk' | 'imported' (then npz_path) | an imported dataset's name
   d.data_dir = ''  # '' = $DIVERSE_CFG_DATA_DIR or ~/tensorflow_datasets
   d.npz_path = ''
+  # Imported data: 'auto' records it as fixed-length when every row has the same number of
+  # events (samplers then end every row there); 'yes' requires it, 'no' turns it off.
+  # Read when the dataset is first imported.
+  d.fixed_length = 'auto'
   d.seq_len = 128  # Essen builder: target length T (events + EOS)
   d.max_files = 0  # Essen builder subset for smoke runs; 0 = all
   d.max_tunes = 0
@@ -83,6 +90,13 @@ def base_config() -> ml_collections.ConfigDict:
   f.temperature = 1.0  # student sampling temperature during finetuning (1 = on-policy)
   f.eval_prompts = 32  # held-out prompts for the periodic quality/diversity evaluation
   f.eval_k = 4
+
+  # How the CFG teacher guides, wherever it appears: finetuning's teacher scoring, the
+  # evaluation's CFG sweep (and `sample`'s default, through the checkpoint's config).
+  c.guidance = g = ml_collections.ConfigDict()
+  # alpha in [0, 1): only tokens with p_cond >= alpha * max p_cond are guided, the others keep
+  # their conditional log-prob; 0 = plain CFG (every token guided).
+  g.plausibility = DEFAULT_PLAUSIBILITY
 
   c.evaluate = e = ml_collections.ConfigDict()  # the quality/diversity comparison
   e.gammas = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)  # CFG sweep on the base model
@@ -290,6 +304,19 @@ def validate_sampling(s: ml_collections.ConfigDict) -> None:
   _require(s.top_k >= 0, 'sampling.top_k', 'must be >= 0 (0 = off)', s.top_k)
 
 
+FIXED_LENGTH_OPTIONS = {'auto': None, 'yes': True, 'no': False}
+
+
+def validate_data(d: ml_collections.ConfigDict) -> None:
+  _require(d.fixed_length in FIXED_LENGTH_OPTIONS, 'data.fixed_length',
+           f'must be one of {sorted(FIXED_LENGTH_OPTIONS)}', d.fixed_length)
+
+
+def validate_guidance(g: ml_collections.ConfigDict) -> None:
+  _require(0.0 <= g.plausibility < 1.0, 'guidance.plausibility',
+           'must be in [0, 1) (0 = plain CFG: every token guided)', g.plausibility)
+
+
 def validate_mesh(ms: ml_collections.ConfigDict, num_devices: int) -> None:
   sizes = {a: ms[a] for a in ('data', 'fsdp', 'tensor')}
   for a, n in sizes.items():
@@ -313,6 +340,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,
   _check_keys(cfg, reference if reference is not None else base_config(), '')
   validate_model(cfg.model, sizes_known=sizes_known)
   validate_sampling(cfg.sampling)
+  validate_guidance(cfg.guidance)
+  validate_data(cfg.data)
   validate_train(cfg.train)
   validate_finetune(cfg.finetune)
   validate_evaluate(cfg.evaluate)

@@ -7,9 +7,12 @@ generations each and the same keys:
   student  each finetuned student (beta in finetune.betas; 1 pass)
   merge    LERP of the beta-min and beta-max students over evaluate.lambdas (1 pass)
 For each: quality (mean adherence probability, and per attribute), embedding
-diversity, a model-free diversity (1 - shared n-gram fraction), the share of
-well-formed generations and of generations that ended with EOS, forward passes
-per token and measured tokens/s. Written to DIR/evaluate/: results.csv,
+diversity, a model-free diversity (1 - shared n-gram fraction), the model-free
+fidelity to the data (unseen 2-/3-grams against the training split, the gap
+and Wasserstein-1 distance between generated and held-out lengths), the share
+of well-formed generations (melodies) and of generations that ended with EOS,
+forward passes per token and measured tokens/s. CFG rows guide with
+guidance.plausibility; every system samples under the data's length bounds. Written to DIR/evaluate/: results.csv,
 results.json, front.png (quality vs diversity per family), samples/ (MIDI, WAV
 and piano rolls for melody datasets) and report.html.
 
@@ -43,8 +46,12 @@ def repeat_prompts(prompts_PxC: np.ndarray, k: int) -> np.ndarray:
 
 
 def score_samples(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int = 4,
-                  well_formed_fn: Callable | None = None) -> dict[str, float]:
-  """Quality, diversity (embedding and model-free), well-formedness of P x K samples."""
+                  well_formed_fn: Callable | None = None,
+                  reference=None) -> dict[str, float]:
+  """Quality, diversity (embedding and model-free), fidelity, well-formedness of P x K samples.
+
+  reference: an evaluators.FidelityReference (None: no fidelity figures).
+  """
   from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
   tokens_PxKxT = np.asarray(tokens_PxKxT)
   p, k, t = tokens_PxKxT.shape
@@ -63,7 +70,17 @@ def score_samples(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int
   if well_formed_fn is not None:
     out['well_formed'] = float(np.mean([well_formed_fn(row) for row in flat_BxT]))
   out['length'] = float(np.mean((flat_BxT != specials.PAD).sum(axis=1)))
+  if reference is not None:
+    out.update(evaluators.fidelity(flat_BxT, reference))
   return out
+
+
+def fidelity_reference(exp: experiment_lib.Experiment):
+  """The training split's n-grams and the test split's lengths (validation if no test)."""
+  from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
+  rows = lambda src: [np.asarray(src[i]['tokens']) for i in range(len(src))]
+  heldout = exp.sources.get('test') or exp.sources['validation']
+  return evaluators.FidelityReference.from_rows(rows(exp.sources['train']), rows(heldout))
 
 
 def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:
@@ -77,11 +94,11 @@ def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:
 
 
 def measure_system(sample_fn, prompts_PxC, k, embedder, quality_model, key,
-                   ngram: int = 4) -> dict[str, float]:
+                   ngram: int = 4, reference=None) -> dict[str, float]:
   """The periodic finetuning evaluation: sample, then score (prefixed eval/)."""
   tokens, _ = sample_k(sample_fn, prompts_PxC, k, key)
-  return {f'eval/{k_}': v for k_, v in
-          score_samples(tokens, prompts_PxC, embedder, quality_model, ngram).items()}
+  return {f'eval/{k_}': v for k_, v in score_samples(
+      tokens, prompts_PxC, embedder, quality_model, ngram, reference=reference).items()}
 
 
 @dataclasses.dataclass
@@ -90,7 +107,7 @@ class System:
   family: str  # base | cfg | student | merge
   setting: float  # gamma, beta or lambda
   params: Any
-  gamma: float = 1.0  # > 1 (or != 1) with guided sampling
+  guidance: sampling.Guidance = sampling.Guidance()  # used when guided
   guided: bool = False
 
   @property
@@ -103,8 +120,9 @@ def build_systems(exp: experiment_lib.Experiment, workdir: str) -> list[System]:
   base, _ = finetune.restore_model_params(finetune.base_dir(workdir), exp.model_cfg, exp.mesh,
                                           exp.rules)
   systems = [System('base', 'base', 1.0, base)]
-  systems += [System(f'cfg gamma={g:g}', 'cfg', float(g), base, gamma=float(g), guided=True)
-              for g in e.gammas]
+  alpha = float(exp.config.guidance.plausibility)
+  systems += [System(f'cfg gamma={g:g}', 'cfg', float(g), base,
+                     guidance=sampling.Guidance(float(g), alpha), guided=True) for g in e.gammas]
   students = {}
   for beta in sorted(float(b) for b in exp.config.finetune.betas):
     d = os.path.join(finetune.student_dir(workdir, beta), 'checkpoints')
@@ -133,11 +151,16 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
     from diverse_cfg.data import melody  # pylint: disable=g-import-not-at-top
     well_formed = melody.is_well_formed
 
+  bounds = exp.length_bounds
+  reference = fidelity_reference(exp)
+
   def sample_fn(system):
     if system.guided:
-      return lambda rows, k: sampler.sample_cfg(system.params, rows, k, gamma=system.gamma,
-                                                temperature=e.temperature)
-    return lambda rows, k: sampler.sample(system.params, rows, k, temperature=e.temperature)
+      return lambda rows, k: sampler.sample_cfg(
+          system.params, rows, k, gamma=system.guidance.gamma,
+          plausibility=system.guidance.plausibility, temperature=e.temperature, bounds=bounds)
+    return lambda rows, k: sampler.sample(system.params, rows, k, temperature=e.temperature,
+                                          bounds=bounds)
 
   systems = build_systems(exp, workdir)
   # Compile both samplers once, so the timings below measure sampling only.
@@ -147,8 +170,10 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
   for s in systems:
     tokens, seconds = sample_k(sample_fn(s), prompts_PxC, e.k, key)
     samples[s.name] = tokens
-    metrics = score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram, well_formed)
+    metrics = score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram, well_formed,
+                            reference)
     rows.append({'system': s.name, 'family': s.family, 'setting': s.setting,
+                 'plausibility': float(s.guidance.plausibility) if s.guided else 0.0,
                  'passes_per_token': s.passes_per_token,
                  'tokens_per_sec': tokens.size / seconds, **metrics})
     if jax.process_index() == 0:  # every process has the same row

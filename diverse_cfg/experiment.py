@@ -16,6 +16,7 @@ import ml_collections
 
 from diverse_cfg import config_lib
 from diverse_cfg import model as model_lib
+from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg.data import meta as meta_lib
 
@@ -28,6 +29,11 @@ class Experiment:
   mesh: jax.sharding.Mesh
   rules: Any
   model_cfg: model_lib.ModelConfig
+
+  @property
+  def length_bounds(self) -> sampling.LengthBounds:
+    """Where every sampler of this experiment lets rows end (the data's fixed length, if any)."""
+    return sampling.data_length_bounds(self.meta.fixed_length)
 
 
 _SIZE_FIELDS = {'vocab_size': 'vocab_size', 'prompt_vocab_size': 'prompt_vocab_size',
@@ -64,7 +70,8 @@ def load_data(config: ml_collections.ConfigDict):
   elif d.name == 'imported':
     if not d.npz_path:
       raise config_lib.ConfigError("config.data.npz_path='': needed when config.data.name='imported'")
-    options = {'npz_path': d.npz_path}
+    options = {'npz_path': d.npz_path,
+               'fixed_length': config_lib.FIXED_LENGTH_OPTIONS[d.get('fixed_length', 'auto')]}
   else:
     options = {}
   if jax.process_count() == 1:

@@ -2,8 +2,10 @@
 
 Each step, in one jitted, sharded function: P prompts x k samples from the
 student (no CFG, temperature finetune.temperature); the frozen base model's
-CFG log-probs (gamma = finetune.teacher_gamma) on the same sequences from one
-teacher-forced pass over [cond; uncond] rows; the exact per-position KL summed
+guided log-probs (gamma = finetune.teacher_gamma, plausibility =
+guidance.plausibility: exactly the distribution the CFG sampler draws from) on
+the same sequences from one teacher-forced pass over [cond; uncond] rows;
+student and teacher both under the dataset's length bounds; the exact per-position KL summed
 over each sequence; the frozen embedder's pairwise diversity reward with the
 unbiased leave-one-out baseline; loss = mean KL - beta * surrogate.
 
@@ -53,10 +55,16 @@ def restore_model_params(ckpt_dir: str, cfg: model_lib.ModelConfig, mesh, rules)
 
 
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
-                     embed_apply):
-  """The pure step: (state, batch, step, frozen) -> (state, metrics)."""
+                     embed_apply, guidance: sampling.Guidance,
+                     bounds: sampling.LengthBounds = sampling.LengthBounds()):
+  """The pure step: (state, batch, step, frozen) -> (state, metrics).
+
+  guidance is the teacher's (gamma, plausibility); bounds the dataset's
+  length bounds, applied to the rollout, the teacher and the student alike.
+  """
   kl_fn = objectives.distillation_kl(f.kl)
   k = f.k
+  guidance, bounds = sampling.as_traced(guidance), sampling.as_traced(bounds)
 
   def train_step(state, batch, step, frozen):
     prompt_PxC = batch['prompt']
@@ -64,10 +72,10 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     prompt_BxC = jnp.repeat(prompt_PxC, k, axis=0)  # row p * k + i: sample i of prompt p
     key = jax.random.fold_in(jax.random.key(seed), step)
     tokens_BxT, _ = sampling.generate(cfg, cfg.seq_len, False, state['params'], prompt_BxC, key,
-                                      jnp.float32(1.0), f.temperature, jnp.int32(0))
+                                      sampling.Guidance(), f.temperature, jnp.int32(0), bounds)
     mask_BxT = sampling.token_mask(tokens_BxT)
     teacher_BxTxV = jax.lax.stop_gradient(
-        sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, f.teacher_gamma)['cfg'])
+        sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, guidance, bounds)['cfg'])
     emb_BxD = embed_apply(frozen['embedder'], tokens_BxT)
     r_PxKxK = evaluators.pairwise_dissimilarity(emb_BxD.reshape(num_prompts, k, -1),
                                                 tokens_BxT.reshape(num_prompts, k, -1))
@@ -76,7 +84,7 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     def loss_fn(params):
       logits = model_lib.forward(cfg, params, tokens_BxT, prompt_BxC,
                                  jnp.zeros(tokens_BxT.shape[:1], bool))
-      logp_BxTxV = jax.nn.log_softmax(logits, axis=-1)
+      logp_BxTxV = sampling.bounded_log_probs(logits, bounds)
       kl_B = kl_fn(logp_BxTxV, teacher_BxTxV, mask_BxT)
       tok_logp_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None], -1)[..., 0]
       seq_logp_PxK = jnp.sum(tok_logp_BxT * mask_BxT, -1).reshape(num_prompts, k)
@@ -96,6 +104,12 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
         'grad_norm': grad_norm, 'lr': schedule(step), **flags}
 
   return train_step
+
+
+def teacher_guidance(config) -> sampling.Guidance:
+  """The finetuning teacher: the base model guided at finetune.teacher_gamma."""
+  return sampling.Guidance(float(config.finetune.teacher_gamma),
+                           float(config.guidance.plausibility))
 
 
 def finetune_flops(cfg: model_lib.ModelConfig, rows: int) -> float:
@@ -122,7 +136,8 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
   return training.Task(
       name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
       initial_state=initial_state,
-      train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply),
+      train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
+                                  teacher_guidance(exp.config), exp.length_bounds),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},
@@ -147,11 +162,14 @@ def run(config, workdir: str, embedder, quality_model=None, devices=None, progre
   f = exp.config.finetune
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
   prompts = heldout_prompts(exp)
+  reference = evaluate_lib.fidelity_reference(exp)
   for beta in (f.betas if betas is None else betas):
     def evaluate_fn(state, step):
       return evaluate_lib.measure_system(
-          lambda p, key: sampler.sample(state['params'], p, key), prompts, f.eval_k, embedder,
-          quality_model, jax.random.key(exp.config.seed + 7), ngram=exp.config.evaluate.ngram)
+          lambda p, key: sampler.sample(state['params'], p, key, bounds=exp.length_bounds),
+          prompts, f.eval_k, embedder,
+          quality_model, jax.random.key(exp.config.seed + 7), ngram=exp.config.evaluate.ngram,
+          reference=reference)
     task = make_task(exp, workdir, float(beta), embedder, evaluate_fn)
     results[beta] = training.run(task, f, exp.config, student_dir(workdir, float(beta)), exp.mesh,
                                  exp.rules, progress=progress)

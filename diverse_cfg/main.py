@@ -61,6 +61,13 @@ _MERGE_LAMBDA = flags.DEFINE_float('merge_lambda', 0.5, 'sample: (1-l) checkpoin
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'sample: attribute=value,... (repeatable).')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 4, 'sample: samples per prompt.')
 _GAMMA = flags.DEFINE_float('gamma', 1.0, 'sample: CFG strength; 1 = no CFG (one pass per token).')
+_PLAUSIBILITY = flags.DEFINE_float(
+    'plausibility', None, 'sample: CFG guides only tokens with p_cond >= this x the most likely '
+    "one's (0 = plain CFG); default: the checkpoint's guidance.plausibility.")
+_MIN_LENGTH = flags.DEFINE_integer('min_length', None, 'sample: fewest events before EOS '
+                                   "(default: the data's; a fixed-length dataset's length).")
+_MAX_LENGTH = flags.DEFINE_integer('max_length', None, 'sample: most events before EOS '
+                                   "(default: the data's; none for variable-length data).")
 _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: sampling temperature.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens; 0 = all.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
@@ -109,7 +116,9 @@ def sample_stage():
     log.warning('--stage=sample takes the model config from the checkpoint; --config is unused')
   try:
     return sample.run(_CHECKPOINT.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
-                      gamma=_GAMMA.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                      gamma=_GAMMA.value, plausibility=_PLAUSIBILITY.value,
+                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                      min_length=_MIN_LENGTH.value, max_length=_MAX_LENGTH.value,
                       seed=_SEED.value, out_dir=_OUT_DIR.value, merge_with=_MERGE_WITH.value,
                       merge_lambda=_MERGE_LAMBDA.value, mesh=_MESH.value,
                       data_dir=_DATA_DIR.value, workdir=_WORKDIR.value)

@@ -115,6 +115,16 @@ class Model:
   meta: Any  # data.meta.DatasetMeta
   description: dict[str, Any]
 
+  @property
+  def plausibility(self) -> float:
+    """The guidance threshold the checkpoint's run used (the default if it predates it)."""
+    return float(self.config.get('guidance', {}).get('plausibility',
+                                                     sampling.DEFAULT_PLAUSIBILITY))
+
+  @property
+  def length_bounds(self) -> sampling.LengthBounds:
+    return sampling.data_length_bounds(self.meta.fixed_length)
+
   @functools.cached_property
   def sampler(self) -> sampling.Sampler:  # one per model: its jitted samplers compile once
     return sampling.Sampler(self.model_cfg, self.model_cfg.seq_len, self.mesh, self.rules)
@@ -187,11 +197,14 @@ def encode_prompts(meta, texts: Sequence[str]) -> np.ndarray:
 
 
 def generate(model: Model, prompts_PxC: np.ndarray, num_samples: int, *, gamma: float = 1.0,
-             temperature: float = 1.0, top_k: int = 0, seed: int = 0):
+             plausibility: float | None = None, temperature: float = 1.0, top_k: int = 0,
+             seed: int = 0, bounds: sampling.LengthBounds | None = None):
   """(tokens [P, K, T], per-token log-probs [P, K, T]) as numpy on every process.
 
   gamma != 1 samples with CFG (cond and uncond rows, two forward passes per
-  token); gamma = 1 samples the model as it is.
+  token), guiding the tokens that pass the plausibility threshold (None: the
+  checkpoint's guidance.plausibility); gamma = 1 samples the model as it is.
+  bounds: the length bounds (None: the data's, see Model.length_bounds).
   """
   if num_samples < 1:
     raise SampleArgumentError(f'--num_samples={num_samples}: must be >= 1')
@@ -204,12 +217,15 @@ def generate(model: Model, prompts_PxC: np.ndarray, num_samples: int, *, gamma: 
   rows_BxC = np.concatenate([rows_BxC, np.repeat(rows_BxC[-1:], padded - rows, axis=0)])
   sampler = model.sampler
   key = jax.random.key(seed)
+  bounds = model.length_bounds if bounds is None else bounds
   if gamma != 1.0:
+    alpha = model.plausibility if plausibility is None else plausibility
     tokens, logprobs = sampler.sample_cfg(model.params, rows_BxC, key, gamma=gamma,
-                                          temperature=temperature, top_k=top_k)
+                                          plausibility=alpha, temperature=temperature,
+                                          top_k=top_k, bounds=bounds)
   else:
     tokens, logprobs = sampler.sample(model.params, rows_BxC, key, temperature=temperature,
-                                      top_k=top_k)
+                                      top_k=top_k, bounds=bounds)
   shape = (num_prompts, num_samples, -1)
   return (sharding_lib.to_host(tokens)[:rows].reshape(shape),
           sharding_lib.to_host(logprobs)[:rows].reshape(shape))
@@ -246,24 +262,44 @@ def write_outputs(meta, prompts_PxC, tokens_PxKxT, logprobs_PxKxT, out_dir: str,
   return path
 
 
+def check_settings(*args) -> None:
+  """sampling.check_settings, its ValueError as a SampleArgumentError (one line at the CLI)."""
+  try:
+    sampling.check_settings(*args)
+  except ValueError as e:
+    raise SampleArgumentError(str(e)) from e
+
+
 def run(checkpoint: str, prompts: Sequence[str], *, num_samples: int = 4, gamma: float = 1.0,
-        temperature: float = 1.0, top_k: int = 0, seed: int = 0, out_dir: str | None = None,
-        merge_with: str | None = None, merge_lambda: float = 0.5, mesh: str | None = None,
-        data_dir: str | None = None, workdir: str | None = None,
+        plausibility: float | None = None, temperature: float = 1.0, top_k: int = 0,
+        min_length: int | None = None, max_length: int | None = None, seed: int = 0,
+        out_dir: str | None = None, merge_with: str | None = None, merge_lambda: float = 0.5,
+        mesh: str | None = None, data_dir: str | None = None, workdir: str | None = None,
         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Loads, samples, writes (process 0); returns {'out_dir', 'tokens', 'logprobs', ...}."""
-  if temperature <= 0 or gamma < 0 or top_k < 0:
-    raise SampleArgumentError(f'need temperature > 0, gamma >= 0, top_k >= 0; got temperature='
-                     f'{temperature}, gamma={gamma}, top_k={top_k}')
+  """Loads, samples, writes (process 0); returns {'out_dir', 'tokens', 'logprobs', ...}.
+
+  plausibility None: the checkpoint's; min_length / max_length None: the data's
+  bounds (events before EOS; a fixed-length dataset's rows end at its length).
+  """
+  guidance = sampling.Guidance(gamma, 0.0 if plausibility is None else plausibility)
+  check_settings(guidance, temperature, top_k, sampling.LengthBounds())  # before any loading
   model = load(checkpoint, merge_with=merge_with, merge_lambda=merge_lambda, devices=devices,
                mesh=mesh, data_dir=data_dir, workdir=workdir)
+  data_bounds = model.length_bounds
+  bounds = sampling.LengthBounds(data_bounds.min if min_length is None else min_length,
+                                 data_bounds.max if max_length is None else max_length)
+  check_settings(guidance, temperature, top_k, bounds, model.sampler.num_new_tokens)
+  plausibility = model.plausibility if plausibility is None else plausibility
   prompts_PxC = encode_prompts(model.meta, prompts)
   tokens, logprobs = generate(model, prompts_PxC, num_samples, gamma=gamma,
-                              temperature=temperature, top_k=top_k, seed=seed)
+                              plausibility=plausibility, temperature=temperature, top_k=top_k,
+                              seed=seed, bounds=bounds)
   out_dir = out_dir or os.path.join(stage_dir(model.description['checkpoint']), 'samples')
   settings = {**model.description, 'gamma': gamma, 'guided': gamma != 1.0,
-              'temperature': temperature, 'top_k': top_k, 'seed': seed,
-              'num_samples': num_samples}
+              'plausibility': plausibility, 'temperature': temperature, 'top_k': top_k,
+              'min_length': int(bounds.min),
+              'max_length': None if bounds.max >= sampling.NO_MAX_LENGTH else int(bounds.max),
+              'seed': seed, 'num_samples': num_samples}
   if jax.process_index() == 0:
     path = write_outputs(model.meta, prompts_PxC, tokens, logprobs, out_dir, settings)
     log.info('%d samples for %d prompt(s) written to %s', tokens.shape[0] * tokens.shape[1],

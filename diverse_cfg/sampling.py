@@ -2,44 +2,110 @@
 
 All three go through `model.Decoder` (the decode step for the samplers, the
 same module's full forward for scoring). What is static (model config, number
-of new tokens, mesh) lives in the frozen `Sampler`; gamma, temperature and
-top-k are traced arrays, so changing them never recompiles.
+of new tokens, mesh) lives in the frozen `Sampler`; guidance (gamma,
+plausibility), temperature, top-k and the length bounds are traced arrays, so
+changing them never recompiles.
 
-CFG combines per-position log-probs as
-    l_cfg = log_softmax(l_u + gamma (l_c - l_u)),
-computed as l_c + (gamma - 1)(l_c - l_u) so that gamma = 1 is *exactly* l_c
-(the student's distribution, bit for bit).
+Guidance restricted to plausible tokens (DESIGN.md 6), with l = log_softmax:
+    P = {v : l_c(v) >= max_w l_c(w) + log alpha}
+    g(v) = l_c(v) + (gamma - 1)(l_c(v) - l_u(v))  on P,   l_c(v) elsewhere
+    teacher = softmax(g)
+alpha = 0 guides every token: plain CFG, log_softmax(l_u + gamma (l_c - l_u)).
+gamma = 1 is *exactly* l_c (the student's distribution, bit for bit). Tokens
+outside P get no guidance term, so a tiny difference between two tiny
+log-probs (EOS long before a row ends; a token the data's grammar forbids
+here) is never amplified; they keep their conditional proportions and a
+non-zero probability, so KL(student || teacher) stays finite.
+
+Length bounds (`LengthBounds`, in events = tokens before EOS): EOS is
+impossible before `min` events and certain after `max`. They act on the
+distribution itself (in the samplers and in scoring alike), so a fixed-length
+dataset's rows always end exactly at its length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diverse_cfg import config_lib
 from diverse_cfg import model as model_lib
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
 
+DEFAULT_PLAUSIBILITY = config_lib.DEFAULT_PLAUSIBILITY
+NO_MAX_LENGTH = 2**30  # LengthBounds.max that never forces EOS
 
-def guided_log_probs(logits_c, logits_u, gamma):
-  """l_c + (gamma - 1)(l_c - l_u) with l = log_softmax: CFG before normalising.
 
-  logits_u=None (no CFG) gives l_c. gamma = 1 gives l_c bit for bit.
+class Guidance(NamedTuple):
+  """CFG strength gamma and plausibility threshold alpha in [0, 1) (traced scalars)."""
+  gamma: Any = 1.0
+  plausibility: Any = 0.0
+
+
+class LengthBounds(NamedTuple):
+  """Events (tokens before EOS) a row may hold: EOS barred before min, forced at max."""
+  min: Any = 0
+  max: Any = NO_MAX_LENGTH
+
+
+def data_length_bounds(fixed_length: int) -> LengthBounds:
+  """A dataset's bounds: exactly fixed_length events, or none (fixed_length = 0)."""
+  return LengthBounds(fixed_length, fixed_length) if fixed_length else LengthBounds()
+
+
+def as_traced(nt):
+  """A Guidance / LengthBounds of Python numbers as float32 / int32 arrays."""
+  dtype = jnp.float32 if isinstance(nt, Guidance) else jnp.int32
+  return type(nt)(*(jnp.asarray(v, dtype) for v in nt))
+
+
+def plausible_mask(lc, plausibility):
+  """P: tokens whose conditional log-prob is within log(alpha) of the best one."""
+  # alpha = 0: log 0 = -inf, every token (the masked ones included) is in P.
+  return lc >= jnp.max(lc, axis=-1, keepdims=True) + jnp.log(plausibility)
+
+
+def guided_log_probs(logits_c, logits_u, guidance: Guidance):
+  """g = l_c + (gamma - 1)(l_c - l_u) on P, l_c elsewhere: the teacher before normalising.
+
+  logits_u=None (no CFG) gives l_c. gamma = 1 gives l_c bit for bit; alpha = 0
+  is plain CFG bit for bit.
   """
   lc = jax.nn.log_softmax(logits_c, axis=-1)
   if logits_u is None:
     return lc
-  return lc + (gamma - 1.0) * (lc - jax.nn.log_softmax(logits_u, axis=-1))
+  guided = lc + (guidance.gamma - 1.0) * (lc - jax.nn.log_softmax(logits_u, axis=-1))
+  return jnp.where(plausible_mask(lc, guidance.plausibility), guided, lc)
 
 
-def cfg_log_probs(logits_c, logits_u, gamma):
-  """log_softmax(l_u + gamma (l_c - l_u)) over the last axis."""
-  return jax.nn.log_softmax(guided_log_probs(logits_c, logits_u, gamma), axis=-1)
+def cfg_log_probs(logits_c, logits_u, guidance: Guidance):
+  """The teacher's normalised log-probs over the last axis (see guided_log_probs)."""
+  return jax.nn.log_softmax(guided_log_probs(logits_c, logits_u, guidance), axis=-1)
+
+
+def bound_length(logp_xV, events_x, bounds: LengthBounds):
+  """Bars EOS where fewer than bounds.min events precede, forces it at bounds.max.
+
+  events_x: events before the position being predicted (broadcast against
+  logp_xV's leading axes). Barred tokens get NEG_INF (probability 0, finite).
+  """
+  is_eos_V = jnp.arange(logp_xV.shape[-1]) == specials.EOS
+  barred = jnp.where(events_x[..., None] < bounds.min, is_eos_V, False)
+  barred |= jnp.where(events_x[..., None] >= bounds.max, ~is_eos_V, False)
+  return jnp.where(barred, model_lib.NEG_INF, logp_xV)
+
+
+def bounded_log_probs(logits_BxTxV, bounds: LengthBounds):
+  """Normalised log-probs of a teacher-forced pass (logits or unnormalised log-probs)
+  under the length bounds: position t has t events before it."""
+  events_1xT = jnp.arange(logits_BxTxV.shape[1])[None]
+  return jax.nn.log_softmax(bound_length(logits_BxTxV, events_1xT, bounds), axis=-1)
 
 
 def top_k_filter(logp_BxV, top_k):
@@ -58,13 +124,14 @@ def top_k_filter(logp_BxV, top_k):
   return jax.lax.cond(top_k > 0, keep_top_k, lambda x: x, logp_BxV)
 
 
-def sampling_log_probs(logits_c, logits_u, gamma, temperature, top_k):
-  """The distribution a token is drawn from: CFG, then temperature, then top-k.
+def sampling_log_probs(logits_c, logits_u, guidance: Guidance, temperature, top_k, events_B,
+                       bounds: LengthBounds):
+  """The distribution a token is drawn from: guidance, length bounds, temperature, top-k.
 
   Normalised once, at the end: softmax, temperature and top-k all commute
-  with a per-row shift, so the CFG combination needs no normalising first.
+  with a per-row shift, so the guided log-probs need no normalising first.
   """
-  logp = guided_log_probs(logits_c, logits_u, gamma)
+  logp = bound_length(guided_log_probs(logits_c, logits_u, guidance), events_B, bounds)
   return jax.nn.log_softmax(top_k_filter(logp / temperature, top_k), axis=-1)
 
 
@@ -106,12 +173,13 @@ def uniforms(key, num_new_tokens: int, batch: int):
 
 
 def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, params, prompt_BxC,
-             key, gamma, temperature, top_k):
+             key, guidance: Guidance, temperature, top_k, bounds: LengthBounds):
   """Samples num_new_tokens after BOS. Returns (tokens [B,N], log-probs [B,N]).
 
   Rows finish at EOS; after it they hold PAD with log-prob 0. With guided=True
   the batch is [cond; uncond] (uncond = learned null prompt), 2B rows through
   one forward with one cache each, and both get the same sampled token.
+  guidance is ignored when guided=False; the length bounds always apply.
   """
   cfg, params = model_lib.decode_params(cfg, params)
   batch = prompt_BxC.shape[0]
@@ -123,10 +191,10 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   cache = nn.with_logical_constraint(cache, model_lib.cache_axes(cache))
   logits_RxV, cache = model_lib.step(cfg, params, bos_Rx1, cache, 0, prompt_RxC, null_R)
 
-  def dist(logits_RxV):
-    if guided:
-      return sampling_log_probs(logits_RxV[:batch], logits_RxV[batch:], gamma, temperature, top_k)
-    return sampling_log_probs(logits_RxV, None, gamma, temperature, top_k)
+  def dist(logits_RxV, t):  # t = new tokens so far = events so far, for rows not done
+    logits_u = logits_RxV[batch:] if guided else None
+    return sampling_log_probs(logits_RxV[:batch], logits_u, guidance, temperature, top_k,
+                              jnp.full((batch,), t), bounds)
 
   def feed(tok_B):
     return (jnp.concatenate([tok_B, tok_B]) if guided else tok_B)[:, None]
@@ -134,14 +202,14 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   # Random numbers are drawn here, not in the loop: on a CPU, threefry runs as
   # a loop of its own, which per decode step costs a large share of the step.
   u_NxB = uniforms(key, num_new_tokens, batch)
-  tok0, lp0, done = draw(u_NxB[0], dist(logits_RxV), jnp.zeros(batch, bool))
+  tok0, lp0, done = draw(u_NxB[0], dist(logits_RxV, 0), jnp.zeros(batch, bool))
 
   def body(carry, xs):
     t, u_B = xs
     tok_B, cache, done_B = carry
     pos = cfg.prompt_len + t  # position of the token being fed (BOS sits at prompt_len)
     logits_RxV, cache = model_lib.step(cfg, params, feed(tok_B), cache, pos)
-    tok_B, lp_B, done_B = draw(u_B, dist(logits_RxV), done_B)
+    tok_B, lp_B, done_B = draw(u_B, dist(logits_RxV, t), done_B)
     return (tok_B, cache, done_B), (tok_B, lp_B)
 
   _, (toks_NxB, lps_NxB) = jax.lax.scan(body, (tok0, cache, done),
@@ -151,18 +219,20 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   return tokens_BxN, logprobs_BxN
 
 
-def score(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, gamma):
-  """Teacher-forced per-position log-probs [B, T, V]: cond, uncond and CFG-combined.
+def score(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, guidance: Guidance,
+          bounds: LengthBounds = LengthBounds()):
+  """Teacher-forced per-position log-probs [B, T, V]: cond, uncond and the guided teacher.
 
-  One forward over 2B rows ([cond; uncond]); position t scores y_t given y_<t.
+  One forward over 2B rows ([cond; uncond]); position t scores y_t given y_<t,
+  under the same guidance and length bounds as the samplers.
   """
   batch = tokens_BxT.shape[0]
   null_R = jnp.arange(2 * batch) >= batch
   logits = model_lib.forward(cfg, params, jnp.concatenate([tokens_BxT, tokens_BxT]),
                              jnp.concatenate([prompt_BxC, prompt_BxC]), null_R)
   lc, lu = logits[:batch], logits[batch:]
-  return {'cond': jax.nn.log_softmax(lc, -1), 'uncond': jax.nn.log_softmax(lu, -1),
-          'cfg': cfg_log_probs(lc, lu, gamma)}
+  return {'cond': bounded_log_probs(lc, bounds), 'uncond': bounded_log_probs(lu, bounds),
+          'cfg': bounded_log_probs(guided_log_probs(lc, lu, guidance), bounds)}
 
 
 def token_mask(tokens_BxT):
@@ -192,7 +262,7 @@ class Sampler:
     batch = sharding_lib.batch_sharding(self.mesh, 2)
     repl = sharding_lib.replicated(self.mesh)
     fn = functools.partial(generate, self.cfg, self.num_new_tokens, guided)
-    return jax.jit(fn, in_shardings=(self.param_shardings, batch, repl, repl, repl, repl),
+    return jax.jit(fn, in_shardings=(self.param_shardings, batch, repl, repl, repl, repl, repl),
                    out_shardings=(batch, batch))
 
   @functools.cached_property
@@ -211,21 +281,43 @@ class Sampler:
     if prompt_BxC.shape[0] % n:
       raise ValueError(f'batch {prompt_BxC.shape[0]} must be a multiple of data*fsdp = {n}')
 
-  def _run(self, fn, params, prompt_BxC, key, gamma, temperature, top_k):
+  def _run(self, fn, params, prompt_BxC, key, guidance: Guidance, temperature, top_k,
+           bounds: LengthBounds):
     prompt_BxC = jnp.asarray(prompt_BxC, jnp.int32)
     self._check_prompt(prompt_BxC)
-    if not float(temperature) > 0:
-      raise ValueError(f'temperature must be > 0, got {temperature}')
-    if float(gamma) < 0:
-      raise ValueError(f'gamma must be >= 0, got {gamma}')
-    scalars = (jnp.float32(gamma), jnp.float32(temperature), jnp.int32(top_k))
+    check_settings(guidance, temperature, top_k, bounds, self.num_new_tokens)
     with sharding_lib.activate(self.mesh, self.rules):
-      return fn(params, prompt_BxC, key, *scalars)
+      return fn(params, prompt_BxC, key, as_traced(guidance), jnp.float32(temperature),
+                jnp.int32(top_k), as_traced(bounds))
 
-  def sample(self, params, prompt_BxC, key, temperature=1.0, top_k=0):
+  def sample(self, params, prompt_BxC, key, temperature=1.0, top_k=0,
+             bounds: LengthBounds = LengthBounds()):
     """Student sampling (no CFG): one forward per token."""
-    return self._run(self._student, params, prompt_BxC, key, 1.0, temperature, top_k)
+    return self._run(self._student, params, prompt_BxC, key, Guidance(), temperature, top_k,
+                     bounds)
 
-  def sample_cfg(self, params, prompt_BxC, key, gamma=3.0, temperature=1.0, top_k=0):
+  def sample_cfg(self, params, prompt_BxC, key, gamma=3.0, temperature=1.0, top_k=0,
+                 plausibility=DEFAULT_PLAUSIBILITY, bounds: LengthBounds = LengthBounds()):
     """CFG-teacher sampling: cond and uncond rows in one forward per token."""
-    return self._run(self._teacher, params, prompt_BxC, key, gamma, temperature, top_k)
+    return self._run(self._teacher, params, prompt_BxC, key, Guidance(gamma, plausibility),
+                     temperature, top_k, bounds)
+
+
+def check_settings(guidance: Guidance, temperature, top_k, bounds: LengthBounds,
+                   num_new_tokens: int | None = None) -> None:
+  """ValueError naming the first sampling setting out of range."""
+  if not float(temperature) > 0:
+    raise ValueError(f'temperature must be > 0, got {temperature}')
+  if float(guidance.gamma) < 0:
+    raise ValueError(f'gamma must be >= 0, got {guidance.gamma}')
+  if not 0.0 <= float(guidance.plausibility) < 1.0:
+    raise ValueError(f'plausibility must be in [0, 1) (0 = plain CFG), got '
+                     f'{guidance.plausibility}')
+  if int(top_k) < 0:
+    raise ValueError(f'top_k must be >= 0 (0 = off), got {top_k}')
+  if not 0 <= int(bounds.min) <= int(bounds.max):
+    raise ValueError(f'length bounds must satisfy 0 <= min <= max, got min={bounds.min}, '
+                     f'max={bounds.max}')
+  if num_new_tokens is not None and int(bounds.min) >= num_new_tokens:
+    raise ValueError(f'min length {bounds.min} leaves no room for EOS in {num_new_tokens} new '
+                     'tokens')

@@ -311,6 +311,7 @@ def test_import_good_arrays(tmp_path):
   data_dir = str(tmp_path / 'data')
   sources, m = meta.load_dataset('imported', data_dir, npz_path=str(npz))
   assert m.name == 'my_tokens' and not m.is_melody
+  assert m.fixed_length == 0  # lengths vary
   assert (m.vocab_size, m.seq_len, m.prompt_len) == (53, 13, 2)
   assert m.prompt_vocab_size == 7 and m.attribute_offsets == (0, 4)
   assert m.attribute_names == ('attr0', 'attr1')
@@ -352,10 +353,26 @@ def test_import_full_rows_shared_prompt_vocab_and_given_split(tmp_path):
   assert path.endswith('imported_arrays/shared/1.0.0')
   assert m.attribute_offsets == (0, 0) and m.prompt_vocab_size == 10
   assert m.split_sizes == {'train': 2, 'validation': 0, 'test': 2}
+  assert m.fixed_length == 6  # every row holds 6 events: recorded as fixed-length
   for _, ex in _all_examples(sources):
     i = int(ex['row_index'])
     np.testing.assert_array_equal(ex['tokens'], list(tokens[i] + 3) + [2])
     np.testing.assert_array_equal(ex['prompt'], prompts[i])
+
+
+def test_fixed_length_is_detected_overridden_and_checked():
+  tokens = np.arange(30).reshape(5, 6) % 7
+  prompts = np.zeros((5, 1), np.int64)
+  prep = lambda **kw: imported.prepare_arrays(tokens, prompts, 7, 2, **kw)
+  assert prep().fixed_length == 6
+  assert prep(fixed_length=False).fixed_length == 0
+  assert prep(fixed_length=True).fixed_length == 6
+  lengths = np.array([6, 6, 6, 4, 6])
+  assert prep(lengths=lengths).fixed_length == 0
+  with pytest.raises(ValueError, match='fixed_length=True but row 3 has 4 events while row 0 has 6'):
+    prep(lengths=lengths, fixed_length=True)
+  with pytest.raises(ValueError, match='fixed_length must be a boolean scalar'):
+    prep(fixed_length=np.array([1, 1]))
 
 
 def _bad(kind):

@@ -71,6 +71,59 @@ def test_shared_ngram_fraction_closed_forms():
       ((2 / 3 + 2 / 5) / 2 + 1) / 2)
 
 
+def _grammar_rows(rng, n, length, break_rate=0.0):
+  """Rows that alternate a 'pitch' (ids S..S+4) and a 'duration' (S+5..S+9) token.
+
+  With break_rate > 0, each token after the first is of the wrong kind with that
+  probability (pitch after pitch, ...), the grammar break guidance can cause.
+  """
+  rows = []
+  for _ in range(n):
+    kind, events = 0, []
+    for t in range(length):
+      if t and rng.random() < break_rate:
+        kind = 1 - kind
+      events.append(S + 5 * kind + int(rng.integers(5)))
+      kind = 1 - kind
+    rows.append(_row(events, length + 4))
+  return rows
+
+
+def test_unseen_bigrams_rise_as_a_sampler_breaks_the_grammar():
+  rng = np.random.default_rng(0)
+  reference = evaluators.FidelityReference.from_rows(_grammar_rows(rng, 300, 10),
+                                                     _grammar_rows(rng, 50, 10))
+  # Every legal bigram (and BOS->pitch, ->EOS) occurs in 300 training rows.
+  assert evaluators.fidelity(_grammar_rows(rng, 50, 10), reference)['unseen_2gram'] == 0.0
+  rates = [evaluators.fidelity(_grammar_rows(rng, 200, 10, q), reference)['unseen_2gram']
+           for q in (0.0, 0.1, 0.3, 0.6)]
+  assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] > 0.3
+  # Of a row's 11 anchored bigrams, each of the 9 inner ones breaks with probability q, and an
+  # odd number of breaks leaves a pitch before EOS, which training rows never end on.
+  q = 0.3
+  np.testing.assert_allclose(rates[2], (9 * q + (1 - (1 - 2 * q) ** 9) / 2) / 11, atol=0.02)
+
+
+def test_length_distance_of_a_truncating_sampler_and_w1_closed_forms():
+  assert evaluators.metrics.wasserstein_1([1, 2, 3], [3, 4, 5]) == pytest.approx(2.0)
+  assert evaluators.metrics.wasserstein_1([0, 0, 1], [0, 1, 1]) == pytest.approx(1 / 3)
+  assert evaluators.metrics.wasserstein_1([2, 7], [7, 2]) == 0.0
+  rng = np.random.default_rng(1)
+  heldout = [_row(list(range(S, S + n)), 30) for n in rng.integers(10, 21, 200)]
+  reference = evaluators.FidelityReference.from_rows(heldout, heldout)
+  same = evaluators.fidelity(heldout, reference)
+  assert same['length_gap'] == 0.0 and same['length_w1'] == 0.0
+  # A sampler that stops every row after 8 events: every length moves down by (n - 8).
+  truncated = [_row(list(range(S, S + 8)), 30) for _ in heldout]
+  got = evaluators.fidelity(truncated, reference)
+  want = np.mean([evaluators.metrics.event_count(r) for r in heldout]) - 8
+  assert got['length_gap'] == pytest.approx(-want)
+  assert got['length_w1'] == pytest.approx(want)  # all mass moved one way: W1 = |mean gap|
+  # Rows that never ended (no EOS) are counted by their events; their n-grams carry no EOS.
+  no_eos = np.full(12, S, np.int32)
+  assert evaluators.metrics.anchored_events(no_eos).tolist() == [specials.BOS] + [S] * 12
+
+
 def test_pairwise_dissimilarity_matches_numpy():
   emb = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
   unit = emb / np.linalg.norm(emb, axis=-1, keepdims=True)

@@ -125,7 +125,7 @@ def test_cfg_combination_by_hand(gamma):
   rng = np.random.default_rng(0)
   lc, lu = rng.normal(size=(2, 5, 9)) * 3
   got = np.asarray(sampling.cfg_log_probs(jnp.asarray(lc, jnp.float32), jnp.asarray(lu, jnp.float32),
-                                          gamma))
+                                          sampling.Guidance(gamma, 0.0)))
   pc, pu = np.exp(_log_softmax(lc)), np.exp(_log_softmax(lu))
   # p_cfg is proportional to p_u^(1-gamma) * p_c^gamma.
   want = pu ** (1 - gamma) * pc ** gamma
@@ -175,14 +175,15 @@ def test_draw_matches_the_distribution_for_random_logits():
 def test_score_is_normalised_and_matches_forward():
   params = _params(CFG)
   tokens, prompt = _batch(CFG)
-  out = _score(CFG, params, tokens, prompt, 3.0)
+  out = _score(CFG, params, tokens, prompt, sampling.Guidance(3.0, 0.0))
   for name in ('cond', 'uncond', 'cfg'):
     np.testing.assert_allclose(jnp.exp(out[name]).sum(-1), 1.0, rtol=1e-5)
   lc = _forward(CFG, params, tokens, prompt, jnp.zeros(4, bool))
   lu = _forward(CFG, params, tokens, prompt, jnp.ones(4, bool))
   np.testing.assert_allclose(out['cond'], jax.nn.log_softmax(lc), atol=1e-5)
   np.testing.assert_allclose(out['uncond'], jax.nn.log_softmax(lu), atol=1e-5)
-  np.testing.assert_allclose(out['cfg'], sampling.cfg_log_probs(lc, lu, 3.0), atol=1e-5)
+  np.testing.assert_allclose(out['cfg'], sampling.cfg_log_probs(lc, lu, sampling.Guidance(3.0, 0.0)),
+                             atol=1e-5)
 
 
 def _gather(logp_BxTxV, tokens_BxT):
@@ -205,8 +206,9 @@ def test_sampler_log_probs_agree_with_teacher_forced_scoring(scan_layers):
   key = jax.random.key(3)
   tok_s, lp_s = sampler.sample(params, prompt, key)
   tok_t, lp_t = sampler.sample_cfg(params, prompt, key, gamma=3.0)
-  score_s = _score(cfg, params, tok_s, prompt, 3.0)
-  score_t = _score(cfg, params, tok_t, prompt, 3.0)
+  guidance = sampling.Guidance(3.0, sampling.DEFAULT_PLAUSIBILITY)
+  score_s = _score(cfg, params, tok_s, prompt, guidance)
+  score_t = _score(cfg, params, tok_t, prompt, guidance)
   np.testing.assert_allclose(lp_s, _gather(score_s['cond'], tok_s), atol=1e-4)
   np.testing.assert_allclose(lp_t, _gather(score_t['cfg'], tok_t), atol=1e-4)
   # Post-EOS positions are PAD with log-prob 0; no PAD/BOS is ever sampled before EOS.
@@ -234,7 +236,8 @@ def test_gamma_one_gives_student_tokens_and_top_k_one_is_greedy():
   np.testing.assert_array_equal(g1, g2)
   np.testing.assert_allclose(lp1, 0.0, atol=1e-6)
   # ...and it is the argmax of the CFG distribution under teacher forcing.
-  cfg_lp = _score(CFG, params, g1, prompt, 3.0)['cfg']
+  cfg_lp = _score(CFG, params, g1, prompt,
+                  sampling.Guidance(3.0, sampling.DEFAULT_PLAUSIBILITY))['cfg']
   first_eos = np.argmax(np.asarray(g1) == specials.EOS, axis=1)
   amax = np.asarray(jnp.argmax(cfg_lp, -1))
   for b in range(4):
@@ -283,7 +286,7 @@ def _count_compiles():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_changing_gamma_temperature_top_k_does_not_recompile():
+def test_changing_gamma_plausibility_temperature_top_k_does_not_recompile():
   params = _params(CFG)
   mesh, rules = _mesh(jax.devices()[:1])
   sampler = sampling.Sampler(CFG, CFG.seq_len, mesh, rules)
@@ -291,8 +294,9 @@ def test_changing_gamma_temperature_top_k_does_not_recompile():
   sampler.sample_cfg(params, prompt, jax.random.key(0), gamma=3.0)  # compile once
   sampler.sample(params, prompt, jax.random.key(0))
   with _count_compiles() as compiles:
-    outs = [sampler.sample_cfg(params, prompt, jax.random.key(0), gamma=g, temperature=t, top_k=k)
-            for g, t, k in [(1.5, 1.0, 0), (5.0, 0.7, 3), (0.0, 1.3, 10)]]
+    outs = [sampler.sample_cfg(params, prompt, jax.random.key(0), gamma=g, temperature=t, top_k=k,
+                               plausibility=a)
+            for g, t, k, a in [(1.5, 1.0, 0, 0.1), (5.0, 0.7, 3, 0.0), (0.0, 1.3, 10, 0.5)]]
     outs += [sampler.sample(params, prompt, jax.random.key(0), temperature=t) for t in (0.5, 2.0)]
   assert compiles == [], f'{len(compiles)} recompilations'
   # The runtime values did take effect.

@@ -10,11 +10,13 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from configs import essen as essen_config
 from diverse_cfg import config_lib
 from diverse_cfg import pretrain
 from diverse_cfg import sample
 from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import specials
 from diverse_cfg.data import essen
 from diverse_cfg.data import melody
 
@@ -129,3 +131,33 @@ def test_merging_on_the_fly_restores_both_and_interpolates(base_ckpt):
   jax.tree.map(np.testing.assert_array_equal, merged, alone)  # 0.5 a + 0.5 a == a exactly
   with pytest.raises(sample.SampleArgumentError, match='merge_lambda'):
     sample.load(base_ckpt, merge_with=base_ckpt, merge_lambda=1.5, devices=jax.devices()[:1])
+
+
+def test_fixed_length_data_samples_end_exactly_at_its_length(tmp_path):
+  """An imported dataset whose rows all hold 10 events: every sampler ends every row there."""
+  npz = helpers.synthetic_npz(str(tmp_path / 'fixed.npz'), n=64, seq_len=10, fixed_length=True)
+  c = helpers.smoke_config(str(tmp_path), npz, num_steps=2, eval_every=2, ckpt_every=2,
+                           log_every=2, eval_batches=1)
+  pretrain.run(c, str(tmp_path / 'pretrain'), devices=jax.devices()[:1], progress=False)
+  model = sample.load(str(tmp_path / 'pretrain'), devices=jax.devices()[:1])
+  assert model.meta.fixed_length == 10 and model.length_bounds == (10, 10)
+  prompts = ['attr0=1,attr1=2', 'attr0=3,attr1=0']
+  for gamma, alpha in ((1.0, None), (3.0, 0.0), (3.0, 0.2)):
+    out = sample.run(str(tmp_path / 'pretrain'), prompts, num_samples=8, gamma=gamma,
+                     plausibility=alpha, out_dir=str(tmp_path / 'out'), devices=jax.devices()[:1])
+    tokens = out['tokens'].reshape(16, -1)
+    # 10 events, then EOS (certain: log-prob 0), then PAD.
+    assert (tokens[:, :10] >= specials.NUM_SPECIAL).all() and (tokens[:, 10] == specials.EOS).all()
+    np.testing.assert_array_equal(out['logprobs'].reshape(16, -1)[:, 10], 0.0)
+  with open(tmp_path / 'out' / 'samples.json') as f:
+    settings = json.load(f)['settings']
+  assert (settings['plausibility'], settings['min_length'], settings['max_length']) == (0.2, 10, 10)
+  # The bounds can be overridden; impossible ones are refused with one clear message.
+  out = sample.run(str(tmp_path / 'pretrain'), prompts, num_samples=8, min_length=0, max_length=4,
+                   out_dir=str(tmp_path / 'out'), devices=jax.devices()[:1])
+  assert ((out['tokens'] == specials.EOS).argmax(-1) <= 4).all()
+  with pytest.raises(sample.SampleArgumentError, match='leaves no room for EOS'):
+    sample.run(str(tmp_path / 'pretrain'), prompts, min_length=11, max_length=11,
+               devices=jax.devices()[:1])
+  with pytest.raises(sample.SampleArgumentError, match='plausibility must be in'):
+    sample.run(str(tmp_path / 'pretrain'), prompts, gamma=3.0, plausibility=1.5)

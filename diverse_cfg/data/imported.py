@@ -18,6 +18,10 @@ The .npz (or keyword arguments, which must agree with it) holds:
                                   default: meta.hash_split of the row's events
                                   and prompt (identical rows share a split)
   attribute_names    str [C]      optional; default attr0..attr{C-1}
+  fixed_length       bool scalar  optional: whether every row has the same
+                                  number of events (then samplers end every
+                                  row at exactly that length); default: True
+                                  when all lengths are equal
 
 Stored rule: event id u -> u + NUM_SPECIAL; each row becomes
   [events..., EOS, PAD...] of length T + 1,
@@ -82,6 +86,7 @@ class PreparedArrays:
   attribute_sizes: tuple[int, ...]
   shared_prompt_vocab: bool
   attribute_names: tuple[str, ...]
+  fixed_length: int  # events in every row; 0 = lengths vary
 
 
 def _first_index(mask) -> tuple[int, ...]:
@@ -122,7 +127,7 @@ def _check_range(name: str, a, upper, valid=None) -> None:
 
 def prepare_arrays(tokens, prompts, vocab_size, prompt_vocab_size, *,
                    lengths=None, pad_id=None, split=None,
-                   attribute_names=None) -> PreparedArrays:
+                   attribute_names=None, fixed_length=None) -> PreparedArrays:
   """Validates user arrays (ValueError naming array, problem and index)."""
   tokens = _check_int_array('tokens', tokens, 2)
   prompts = _check_int_array('prompts', prompts, 2)
@@ -177,6 +182,7 @@ def prepare_arrays(tokens, prompts, vocab_size, prompt_vocab_size, *,
                        f'first pad_id={pad_id} at column {lengths[idx[0]]}')
   else:
     lengths = np.full((n,), t)
+  fixed = _fixed_length(lengths, fixed_length)
   valid_NxT = np.arange(t)[None, :] < lengths[:, None]
   _check_range('tokens', tokens, vocab_size, valid_NxT)
   _check_range('prompts', prompts, np.asarray(sizes)[None, :])
@@ -212,7 +218,31 @@ def prepare_arrays(tokens, prompts, vocab_size, prompt_vocab_size, *,
       attribute_sizes=sizes,
       shared_prompt_vocab=shared,
       attribute_names=names,
+      fixed_length=fixed,
   )
+
+
+def _fixed_length(lengths_N: np.ndarray, option) -> int:
+  """The rows' common length if they are to be fixed-length, else 0.
+
+  option None: fixed exactly when all rows have the same length; True: they
+  must (ValueError naming the first row that differs); False: never.
+  """
+  same = bool(np.all(lengths_N == lengths_N[0]))
+  if option is None:
+    return int(lengths_N[0]) if same and lengths_N[0] > 0 else 0
+  option = np.asarray(option)
+  if option.ndim != 0 or option.dtype.kind not in 'bi' or int(option) not in (0, 1):
+    raise ValueError(f'fixed_length must be a boolean scalar, got {option!r}')
+  if not option:
+    return 0
+  if not same:
+    i = int(np.flatnonzero(lengths_N != lengths_N[0])[0])
+    raise ValueError(f'fixed_length=True but row {i} has {lengths_N[i]} events while row 0 '
+                     f'has {lengths_N[0]}')
+  if lengths_N[0] == 0:
+    raise ValueError('fixed_length=True but the rows hold no events')
+  return int(lengths_N[0])
 
 
 def _check_split(split: np.ndarray, n: int) -> tuple[str, ...]:
@@ -237,7 +267,7 @@ def _check_split(split: np.ndarray, n: int) -> tuple[str, ...]:
 
 
 _NPZ_KEYS = ('tokens', 'prompts', 'vocab_size', 'prompt_vocab_size', 'lengths',
-             'pad_id', 'split', 'attribute_names')
+             'pad_id', 'split', 'attribute_names', 'fixed_length')
 
 
 def read_npz(npz_path: str, **overrides) -> dict[str, Any]:
@@ -316,6 +346,7 @@ class ImportedArrays(tfds.core.GeneratorBasedBuilder):
         attribute_sizes=arrays.attribute_sizes,
         shared_prompt_vocab=arrays.shared_prompt_vocab,
         is_melody=False,
+        fixed_length=arrays.fixed_length,
         split_sizes={s: len(r) for s, r in rows.items()},
         split_rule=(meta.SPLIT_RULE + '; split key = int64 bytes of the events '
                     'then the prompt') if not arrays.split_given
@@ -335,7 +366,7 @@ def import_npz(npz_path: str, name: str, data_dir: str, *,
   """Validates the npz, builds dataset `name` in data_dir; returns its dir.
 
   options: vocab_size, prompt_vocab_size, lengths, pad_id, split,
-  attribute_names (see the module docstring); they override missing npz
+  attribute_names, fixed_length (see the module docstring); they override missing npz
   entries and must agree with present ones.
   """
   if not _NAME_RE.match(name):

@@ -75,6 +75,7 @@ def metadata_dict(*, name: str, vocab_size: int, seq_len: int,
                   attribute_sizes: Sequence[int],
                   attribute_values=None, shared_prompt_vocab: bool = False,
                   is_melody: bool, split_sizes: Mapping[str, int],
+                  fixed_length: int = 0,
                   split_rule: str = SPLIT_RULE, extra=None) -> dict[str, Any]:
   """The JSON metadata every builder writes (the schema DatasetMeta reads)."""
   sizes = [int(s) for s in attribute_sizes]
@@ -102,6 +103,8 @@ def metadata_dict(*, name: str, vocab_size: int, seq_len: int,
                            else [None] * len(sizes)),
       'shared_prompt_vocab': bool(shared_prompt_vocab),
       'is_melody': bool(is_melody),
+      # Events in every row (0 = lengths vary): samplers then end every row there.
+      'fixed_length': int(fixed_length),
       'split_rule': split_rule,
       'split_sizes': {s: int(n) for s, n in split_sizes.items()},
   }
@@ -115,6 +118,7 @@ class DatasetMeta:
 
   vocab_size counts the specials (PAD=0, BOS=1, EOS=2): event ids are in
   [NUM_SPECIAL, vocab_size). seq_len is the stored row length, EOS included.
+  fixed_length > 0: every row holds exactly that many events.
   """
   name: str
   vocab_size: int
@@ -126,6 +130,7 @@ class DatasetMeta:
   attribute_offsets: tuple[int, ...]
   attribute_values: tuple[tuple[str, ...] | None, ...]
   is_melody: bool
+  fixed_length: int  # events in every row; 0 = lengths vary
   # Mappings stay out of the hash, so a DatasetMeta can be a static argument.
   split_sizes: Mapping[str, int] = dataclasses.field(hash=False)
   metadata: Mapping[str, Any] = dataclasses.field(
@@ -152,6 +157,7 @@ class DatasetMeta:
         attribute_values=tuple(None if v is None else tuple(v)
                                for v in md['attribute_values']),
         is_melody=bool(md['is_melody']),
+        fixed_length=int(md.get('fixed_length', 0)),  # absent before it was recorded
         split_sizes={s: int(sizes.get(s, 0)) for s in SPLITS},
         metadata=dict(md),
     )

@@ -35,6 +35,8 @@ Measures (metrics.py):
         (with the tokens: exactly 0 between identical sequences)
     quality(quality_model, tokens_BxT, prompt_BxC) -> (mean [B], per attribute [B, A])
     shared_ngram_fraction(tokens_PxKxT, n=4) -> float, model-free (1 = copies)
+    fidelity(rows, FidelityReference.from_rows(train_rows, heldout_rows))
+        -> {'unseen_2gram', 'unseen_3gram', 'length_gap', 'length_w1'}, model-free
     retrieval_accuracy(embedder, tokens_NxT, chunk_len) -> {'top1', 'top5', 'chance', ...}
     classifier_accuracy(quality_model, tokens_NxT, prompt_NxC)
         -> {attribute: {'accuracy', 'majority_rate', 'balanced_accuracy', 'balanced_chance'}}
@@ -49,6 +51,8 @@ from diverse_cfg.evaluators.interface import Embedder
 from diverse_cfg.evaluators.interface import QualityModel
 from diverse_cfg.evaluators.metrics import classifier_accuracy
 from diverse_cfg.evaluators.metrics import diversity
+from diverse_cfg.evaluators.metrics import fidelity
+from diverse_cfg.evaluators.metrics import FidelityReference
 from diverse_cfg.evaluators.metrics import pairwise_dissimilarity
 from diverse_cfg.evaluators.metrics import quality
 from diverse_cfg.evaluators.metrics import retrieval_accuracy

@@ -1,13 +1,16 @@
 """Diversity and quality of generations, and the evaluators' held-out figures.
 
 Model-based (jitted, batched): `diversity`, `pairwise_dissimilarity`, `quality`.
-Model-free (numpy, for reports): `shared_ngram_fraction`.
+Model-free (numpy, for reports): `shared_ngram_fraction` (diversity) and
+`fidelity` against a `FidelityReference` (unseen n-grams, length distances:
+is a generation still shaped like the data?).
 Held-out figures of the evaluators themselves: `retrieval_accuracy`,
 `classifier_accuracy`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -113,6 +116,66 @@ def shared_ngram_fraction(tokens_PxKxT, n: int = 4) -> float:
     if shares:
       per_prompt.append(np.mean(shares))
   return float(np.mean(per_prompt)) if per_prompt else float('nan')
+
+
+def anchored_events(row_T: np.ndarray) -> np.ndarray:
+  """BOS, the row's events, then EOS if the row has one: what n-gram fidelity reads.
+
+  The anchors make a wrong start (e.g. a duration first, where a pitch must
+  come) and a wrong end (EOS in the middle of an event) visible as n-grams.
+  """
+  row_T = np.asarray(row_T)
+  tail = [specials.EOS] if (row_T == specials.EOS).any() else []
+  return np.concatenate([[specials.BOS], events_of(row_T), tail]).astype(np.int64)
+
+
+def event_count(row_T: np.ndarray) -> int:
+  return len(events_of(row_T))
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityReference:
+  """What generations are compared with: the training split's n-grams, held-out lengths."""
+  ngrams: dict[int, frozenset]  # n -> every n-gram of the anchored training rows
+  lengths: np.ndarray  # events per held-out row
+
+  @classmethod
+  def from_rows(cls, train_rows, heldout_rows, ns: Sequence[int] = (2, 3)) -> 'FidelityReference':
+    anchored = [anchored_events(r) for r in train_rows]
+    return cls(ngrams={n: frozenset(g for a in anchored for g in _ngrams(a, n)) for n in ns},
+               lengths=np.asarray([event_count(r) for r in heldout_rows], np.float64))
+
+
+def unseen_ngram_rate(rows, seen: frozenset, n: int) -> float:
+  """Share of the rows' anchored n-gram occurrences that never occur in `seen`."""
+  grams = [g for r in rows for g in _ngrams(anchored_events(r), n)]
+  return float(np.mean([g not in seen for g in grams])) if grams else float('nan')
+
+
+def wasserstein_1(a, b) -> float:
+  """W1 between two empirical 1-D distributions: the integral of |F_a - F_b|."""
+  a, b = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
+  grid = np.concatenate([a, b])
+  grid.sort()
+  cdf_a = np.searchsorted(a, grid[:-1], side='right') / len(a)
+  cdf_b = np.searchsorted(b, grid[:-1], side='right') / len(b)
+  return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(grid)))
+
+
+def fidelity(rows, reference: FidelityReference) -> dict[str, float]:
+  """Model-free: is a set of generations still shaped like the data?
+
+  unseen_<n>gram: share of generated n-grams (BOS/EOS-anchored events) absent
+  from the whole training split (a broken grammar raises it); length_gap: mean
+  events per generation minus the held-out mean; length_w1: Wasserstein-1
+  distance between the generated and held-out event-count distributions.
+  """
+  out = {f'unseen_{n}gram': unseen_ngram_rate(rows, seen, n)
+         for n, seen in sorted(reference.ngrams.items())}
+  lengths = np.asarray([event_count(r) for r in rows], np.float64)
+  out['length_gap'] = float(lengths.mean() - reference.lengths.mean())
+  out['length_w1'] = wasserstein_1(lengths, reference.lengths)
+  return out
 
 
 def in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""The CFG teacher over a grid of gamma x plausibility (alpha), on a trained work directory.
+
+What chose `guidance.plausibility`'s default (docs/guidance.md): for each
+(gamma, alpha), the base model's CFG samples on the evaluation's test prompts
+(same prompts and keys for every cell), scored like an evaluation row:
+quality, embedding diversity, and the model-free fidelity to the data (unseen
+2-/3-grams against the training split, length gap and Wasserstein-1).
+
+    python -m benchmarks.guidance_sweep --config=configs/essen.py:cpu --workdir=DIR \
+        --gammas=1,3,5 --alphas=0,0.05,0.1,0.2 --out=sweep.json [--config.data.name=...]
+
+DIR needs the pretrain, embedder and classifier stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from diverse_cfg import evaluate
+from diverse_cfg import evaluators
+from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import finetune
+from diverse_cfg import sampling
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A work directory with pretrain/embedder/classifier.')
+_GAMMAS = flags.DEFINE_list('gammas', ['1', '3', '5'], 'CFG strengths.')
+_ALPHAS = flags.DEFINE_list('alphas', ['0', '0.05', '0.1', '0.2'], 'Plausibility thresholds.')
+_OUT = flags.DEFINE_string('out', None, 'JSON output path (default: DIR/guidance_sweep.json).')
+
+COLUMNS = ('quality', 'diversity', 'length', 'length_gap', 'length_w1', 'unseen_2gram',
+           'unseen_3gram')
+
+
+def sweep(config, workdir: str, gammas, alphas) -> list[dict]:
+  exp = experiment_lib.prepare(config)
+  e = exp.config.evaluate
+  embedder = evaluators.load_embedder(os.path.join(workdir, 'embedder'))
+  quality_model = evaluators.load_quality_model(os.path.join(workdir, 'classifier'))
+  base, _ = finetune.restore_model_params(finetune.base_dir(workdir), exp.model_cfg, exp.mesh,
+                                          exp.rules)
+  src = exp.sources.get('test') or exp.sources['validation']
+  n = min(e.num_prompts, len(src))
+  prompts_PxC = np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
+  sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
+  reference = evaluate.fidelity_reference(exp)
+  key = jax.random.key(exp.config.seed + 1234)  # the evaluation's key
+  rows = []
+  for gamma in gammas:
+    for alpha in (alphas if gamma != 1.0 else alphas[:1]):  # gamma = 1 ignores alpha
+      fn = lambda p, k, g=gamma, a=alpha: sampler.sample_cfg(
+          base, p, k, gamma=g, plausibility=a, temperature=e.temperature,
+          bounds=exp.length_bounds)
+      start = time.perf_counter()
+      tokens, _ = evaluate.sample_k(fn, prompts_PxC, e.k, key)
+      metrics = evaluate.score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram,
+                                       reference=reference)
+      rows.append({'dataset': exp.meta.name, 'gamma': gamma, 'plausibility': alpha,
+                   'seconds': time.perf_counter() - start, **metrics})
+      print(f'{exp.meta.name} gamma={gamma:g} alpha={alpha:g}: ' +
+            ', '.join(f'{c}={metrics[c]:.3f}' for c in COLUMNS if c in metrics), flush=True)
+  return rows
+
+
+def main(argv):
+  del argv
+  gammas = [float(g) for g in _GAMMAS.value]
+  alphas = [float(a) for a in _ALPHAS.value]
+  rows = sweep(_CONFIG.value, _WORKDIR.value, gammas, alphas)
+  out = _OUT.value or os.path.join(_WORKDIR.value, 'guidance_sweep.json')
+  with open(out, 'w') as f:
+    json.dump(rows, f, indent=1)
+  print('written to', out)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -34,13 +34,16 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A work directory with pretrain/embedder/classifier.')
 _GAMMAS = flags.DEFINE_list('gammas', ['1', '3', '5'], 'CFG strengths.')
 _ALPHAS = flags.DEFINE_list('alphas', ['0', '0.05', '0.1', '0.2'], 'Plausibility thresholds.')
+_LENGTHS = flags.DEFINE_enum('length_bounds', 'data', ['data', 'none'],
+                             "data: the dataset's bounds (as every stage samples); none: "
+                             'EOS anywhere (how CFG behaved before the bounds existed).')
 _OUT = flags.DEFINE_string('out', None, 'JSON output path (default: DIR/guidance_sweep.json).')
 
 COLUMNS = ('quality', 'diversity', 'length', 'length_gap', 'length_w1', 'unseen_2gram',
            'unseen_3gram')
 
 
-def sweep(config, workdir: str, gammas, alphas) -> list[dict]:
+def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> list[dict]:
   exp = experiment_lib.prepare(config)
   e = exp.config.evaluate
   embedder = evaluators.load_embedder(os.path.join(workdir, 'embedder'))
@@ -53,17 +56,19 @@ def sweep(config, workdir: str, gammas, alphas) -> list[dict]:
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
   reference = evaluate.fidelity_reference(exp)
   key = jax.random.key(exp.config.seed + 1234)  # the evaluation's key
+  bounds = exp.length_bounds if data_bounds else sampling.LengthBounds()
   rows = []
   for gamma in gammas:
     for alpha in (alphas if gamma != 1.0 else alphas[:1]):  # gamma = 1 ignores alpha
       fn = lambda p, k, g=gamma, a=alpha: sampler.sample_cfg(
           base, p, k, gamma=g, plausibility=a, temperature=e.temperature,
-          bounds=exp.length_bounds)
+          bounds=bounds)
       start = time.perf_counter()
       tokens, _ = evaluate.sample_k(fn, prompts_PxC, e.k, key)
       metrics = evaluate.score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram,
                                        reference=reference)
       rows.append({'dataset': exp.meta.name, 'gamma': gamma, 'plausibility': alpha,
+                   'length_bounds': tuple(int(b) for b in bounds),
                    'seconds': time.perf_counter() - start, **metrics})
       print(f'{exp.meta.name} gamma={gamma:g} alpha={alpha:g}: ' +
             ', '.join(f'{c}={metrics[c]:.3f}' for c in COLUMNS if c in metrics), flush=True)
@@ -74,7 +79,7 @@ def main(argv):
   del argv
   gammas = [float(g) for g in _GAMMAS.value]
   alphas = [float(a) for a in _ALPHAS.value]
-  rows = sweep(_CONFIG.value, _WORKDIR.value, gammas, alphas)
+  rows = sweep(_CONFIG.value, _WORKDIR.value, gammas, alphas, _LENGTHS.value == 'data')
   out = _OUT.value or os.path.join(_WORKDIR.value, 'guidance_sweep.json')
   with open(out, 'w') as f:
     json.dump(rows, f, indent=1)

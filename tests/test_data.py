@@ -375,6 +375,23 @@ def test_fixed_length_is_detected_overridden_and_checked():
     prep(fixed_length=np.array([1, 1]))
 
 
+def test_a_cached_import_refuses_a_fixed_length_option_it_was_not_built_with(tmp_path):
+  npz = tmp_path / 'rows.npz'
+  np.savez(npz, tokens=np.arange(30).reshape(5, 6) % 7, prompts=np.zeros((5, 1), np.int64),
+           vocab_size=7, prompt_vocab_size=2)
+  data_dir = str(tmp_path / 'data')
+  _, m = meta.load_dataset('imported', data_dir, npz_path=str(npz))
+  assert m.fixed_length == 6
+  _, m = meta.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=True)
+  assert m.fixed_length == 6
+  with pytest.raises(ValueError, match='fixed_length=False but dataset .rows. in .* was imported '
+                                       'with fixed_length=True'):
+    meta.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=False)
+  _, m = meta.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=False,
+                           dataset_name='rows_free')
+  assert m.fixed_length == 0
+
+
 def _bad(kind):
   arrays, _ = _good_arrays(n=6)
   if kind == 'ndim':

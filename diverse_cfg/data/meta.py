@@ -235,6 +235,16 @@ class DatasetMeta:
     return labels_NxC.astype(np.int32)
 
 
+def _check_fixed_length(builder, wanted: bool | None) -> None:
+  """A dataset is imported once: a fixed_length option that disagrees with it is an error."""
+  recorded = bool(DatasetMeta.from_builder(builder).fixed_length)
+  if wanted is not None and recorded != bool(wanted):
+    raise ValueError(
+        f'fixed_length={wanted} but dataset {builder.info.metadata["name"]!r} in '
+        f'{builder.data_dir} was imported with fixed_length={recorded}; to change it, import it again under '
+        "another name (the npz's file name gives it) or remove that directory")
+
+
 def default_data_dir() -> str:
   return os.environ.get('DIVERSE_CFG_DATA_DIR',
                         os.path.expanduser('~/tensorflow_datasets'))
@@ -271,6 +281,7 @@ def load_dataset(name: str, data_dir: str | None = None, **options):
       imported.import_npz(npz_path, dataset_name, data_dir, **options)
     builder = tfds.builder_from_directory(
         imported.dataset_dir(data_dir, dataset_name))
+    _check_fixed_length(builder, options.get('fixed_length'))
   else:
     if options:
       raise ValueError(f'options {sorted(options)} only apply to essen_folk or '

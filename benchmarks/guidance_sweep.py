@@ -39,8 +39,8 @@ _LENGTHS = flags.DEFINE_enum('length_bounds', 'data', ['data', 'none'],
                              'EOS anywhere (how CFG behaved before the bounds existed).')
 _OUT = flags.DEFINE_string('out', None, 'JSON output path (default: DIR/guidance_sweep.json).')
 
-COLUMNS = ('quality', 'diversity', 'length', 'length_gap', 'length_w1', 'unseen_2gram',
-           'unseen_3gram')
+COLUMNS = ('quality', 'diversity', 'length', 'length_gap', 'length_w1', 'length_off_grid',
+           'unseen_2gram', 'unseen_3gram')
 
 
 def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> list[dict]:
@@ -75,6 +75,15 @@ def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> lis
   return rows
 
 
+def markdown(rows: list[dict]) -> str:
+  """The sweep as a markdown table (docs/guidance.md)."""
+  cols = [c for c in COLUMNS if c in rows[0]]
+  lines = ['| gamma | alpha | ' + ' | '.join(cols) + ' |', '|' + '---:|' * (len(cols) + 2)]
+  lines += [f"| {r['gamma']:g} | {r['plausibility']:g} | " +
+            ' | '.join(f'{r[c]:.3f}' for c in cols) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
   gammas = [float(g) for g in _GAMMAS.value]
@@ -83,6 +92,7 @@ def main(argv):
   out = _OUT.value or os.path.join(_WORKDIR.value, 'guidance_sweep.json')
   with open(out, 'w') as f:
     json.dump(rows, f, indent=1)
+  print(markdown(rows))
   print('written to', out)
 
 

@@ -120,6 +120,12 @@ def test_length_distance_of_a_truncating_sampler_and_w1_closed_forms():
   assert got['length_gap'] == pytest.approx(-want)
   assert got['length_w1'] == pytest.approx(want)  # all mass moved one way: W1 = |mean gap|
   # Rows that never ended (no EOS) are counted by their events; their n-grams carry no EOS.
+  assert reference.length_step == 1 and got['length_off_grid'] == 0.0
+  # Rows of whole 4-token events set a grid of 4; a row that stops inside an event is off it.
+  grid = evaluators.FidelityReference.from_rows([_row([S] * n, 30) for n in (8, 12, 20)], heldout)
+  assert grid.length_step == 4
+  rows = [_row([S] * n, 30) for n in (4, 6, 16, 17)]
+  assert evaluators.fidelity(rows, grid)['length_off_grid'] == 0.5
   no_eos = np.full(12, S, np.int32)
   assert evaluators.metrics.anchored_events(no_eos).tolist() == [specials.BOS] + [S] * 12
 

@@ -36,7 +36,8 @@ Measures (metrics.py):
     quality(quality_model, tokens_BxT, prompt_BxC) -> (mean [B], per attribute [B, A])
     shared_ngram_fraction(tokens_PxKxT, n=4) -> float, model-free (1 = copies)
     fidelity(rows, FidelityReference.from_rows(train_rows, heldout_rows))
-        -> {'unseen_2gram', 'unseen_3gram', 'length_gap', 'length_w1'}, model-free
+        -> {'unseen_2gram', 'unseen_3gram', 'length_gap', 'length_w1', 'length_off_grid'},
+        model-free
     retrieval_accuracy(embedder, tokens_NxT, chunk_len) -> {'top1', 'top5', 'chance', ...}
     classifier_accuracy(quality_model, tokens_NxT, prompt_NxC)
         -> {attribute: {'accuracy', 'majority_rate', 'balanced_accuracy', 'balanced_chance'}}

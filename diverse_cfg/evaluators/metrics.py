@@ -138,12 +138,16 @@ class FidelityReference:
   """What generations are compared with: the training split's n-grams, held-out lengths."""
   ngrams: dict[int, frozenset]  # n -> every n-gram of the anchored training rows
   lengths: np.ndarray  # events per held-out row
+  # The gcd of the training rows' lengths: e.g. 4 when every event is 4 tokens (1: no grid).
+  length_step: int = 1
 
   @classmethod
   def from_rows(cls, train_rows, heldout_rows, ns: Sequence[int] = (2, 3)) -> 'FidelityReference':
     anchored = [anchored_events(r) for r in train_rows]
+    step = int(np.gcd.reduce([event_count(r) for r in train_rows]))
     return cls(ngrams={n: frozenset(g for a in anchored for g in _ngrams(a, n)) for n in ns},
-               lengths=np.asarray([event_count(r) for r in heldout_rows], np.float64))
+               lengths=np.asarray([event_count(r) for r in heldout_rows], np.float64),
+               length_step=max(step, 1))
 
 
 def unseen_ngram_rate(rows, seen: frozenset, n: int) -> float:
@@ -168,13 +172,17 @@ def fidelity(rows, reference: FidelityReference) -> dict[str, float]:
   unseen_<n>gram: share of generated n-grams (BOS/EOS-anchored events) absent
   from the whole training split (a broken grammar raises it); length_gap: mean
   events per generation minus the held-out mean; length_w1: Wasserstein-1
-  distance between the generated and held-out event-count distributions.
+  distance between the generated and held-out event-count distributions;
+  length_off_grid: share of generations whose length is not a multiple of the
+  training lengths' gcd (a row ended inside a multi-token event; 0 when the
+  gcd is 1).
   """
   out = {f'unseen_{n}gram': unseen_ngram_rate(rows, seen, n)
          for n, seen in sorted(reference.ngrams.items())}
   lengths = np.asarray([event_count(r) for r in rows], np.float64)
   out['length_gap'] = float(lengths.mean() - reference.lengths.mean())
   out['length_w1'] = wasserstein_1(lengths, reference.lengths)
+  out['length_off_grid'] = float(np.mean(lengths % reference.length_step != 0))
   return out
 
 

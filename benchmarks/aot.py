@@ -511,16 +511,24 @@ def compile_program(exp, program: Program):
   return traced, compiled, text
 
 
+def _fit_error(name: str, chip: Chip, e: Exception) -> AotError | None:
+  """XLA's TPU compiler refuses a program that cannot fit: one line naming it, or None."""
+  if 'RESOURCE_EXHAUSTED' in str(e) or 'Ran out of memory' in str(e):
+    return AotError(f'{name}: does not fit in {chip.name} HBM ({chip.hbm_bytes / GiB:.0f} GiB per '
+                    f'chip): {_first_line(e)}')
+  return None
+
+
 def analyse(exp, name: str, program: Program, chip: Chip) -> dict[str, Any]:
   """Compiles one program and measures it; raises AotError if XLA finds it does not fit."""
   start = time.perf_counter()
   try:
     traced, compiled, hlo_text = compile_program(exp, program)
   except Exception as e:  # pylint: disable=broad-except
-    if 'RESOURCE_EXHAUSTED' in str(e) or 'Ran out of memory' in str(e):
-      raise AotError(f'{name}: does not fit in {chip.name} HBM ({chip.hbm_bytes / GiB:.0f} GiB '
-                     f'per chip): {_first_line(e)}') from None
-    raise
+    error = _fit_error(name, chip, e)
+    if error is None:
+      raise
+    raise error from None
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   chips = exp.mesh.devices.size
@@ -578,7 +586,14 @@ def check(config, topology: str, programs=PROGRAMS, log=print) -> dict[str, Any]
       'batch': {'pretrain': exp.config.train.batch_size,
                 'finetune_rows': exp.config.finetune.batch_size * exp.config.finetune.k,
                 'sampler_rows': exp.config.evaluate.num_prompts * exp.config.evaluate.k},
-      'state': state_bytes(exp), 'programs': {}}
+      'programs': {}}
+  try:
+    report['state'] = state_bytes(exp)
+  except Exception as e:  # pylint: disable=broad-except
+    error = _fit_error('params + optimiser state', chip, e)
+    if error is None:
+      raise
+    raise error from None
   for name in programs:
     log(f'compiling {name} for {topology} (mesh {dict(exp.mesh.shape)}) ...')
     report['programs'][name] = analyse(exp, name, BUILDERS[name](exp), chip)

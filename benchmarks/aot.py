@@ -54,7 +54,8 @@ from typing import Any, Callable
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-import jax  # pylint: disable=g-import-not-at-top
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 from jax._src import core as jax_core  # jaxprs_in_params: no public equivalent
 import ml_collections
@@ -214,7 +215,7 @@ def finetune_program(exp) -> Program:
   net = embedder_lib.build_net(exp.config)
   emb_params = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, repl), jax.eval_shape(
       lambda k: encoder.init_fn(net)(k), jax.random.key(0)))
-  emb_params = nn_unbox(emb_params)
+  emb_params = nn.meta.unbox(emb_params)
   frozen = {'teacher': state['params'], 'embedder': emb_params}
   frozen_s = {'teacher': shardings['params'], 'embedder': jax.tree.map(lambda _: repl, emb_params)}
   step = finetune.finetune_step_fn(cfg, f, tx, schedule, float(max(f.betas)), exp.config.seed,
@@ -237,11 +238,6 @@ def _finetune_settings(exp) -> dict[str, Any]:
   if 'bounds' in wanted:
     out['bounds'] = exp.length_bounds
   return out
-
-
-def nn_unbox(tree):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return nn.meta.unbox(tree)
 
 
 # sampling.generate's traced settings after (params, prompt, key), by argument name.
@@ -267,7 +263,7 @@ def sampler_program(exp, guided: bool) -> Program:
   batch_s, repl = sharding.batch_sharding(exp.mesh, 2), sharding.replicated(exp.mesh)
   rows = e.num_prompts * e.k
   params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s),
-                        nn_unbox(model_lib.abstract_params(cfg)), sampler.param_shardings)
+                        nn.meta.unbox(model_lib.abstract_params(cfg)), sampler.param_shardings)
   prompt = _abstract((rows, cfg.prompt_len), jnp.int32, batch_s)
   key = jax.eval_shape(lambda: jax.random.key(0))
   names = list(inspect.signature(sampling.generate).parameters)

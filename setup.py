@@ -33,6 +33,8 @@ setup(
         'peer': ['torch==2.13.0', 'transformers>=5.24,<6'],
         # examples/italy_power_demand.py reads the UCR data bundled in sktime's wheel.
         'examples': ['sktime==1.2.0'],
+        # benchmarks/aot.py: compile for TPU topologies on a machine without a TPU.
+        'tpu_aot': ['libtpu==0.0.52'],
     },
     entry_points={'console_scripts': ['diverse-cfg=diverse_cfg.cli:run']},
 )

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import inspect
 import math
 import os
 import re
@@ -220,36 +219,13 @@ def finetune_program(exp) -> Program:
   frozen_s = {'teacher': shardings['params'], 'embedder': jax.tree.map(lambda _: repl, emb_params)}
   step = finetune.finetune_step_fn(cfg, f, tx, schedule, float(max(f.betas)), exp.config.seed,
                                    embedder_lib.make_embedder(net, None).apply,
-                                   **_finetune_settings(exp))
+                                   finetune.teacher_guidance(exp.config), exp.length_bounds)
   fn = jax.jit(step, in_shardings=(shardings, batch_s, repl, frozen_s),
                out_shardings=(shardings, repl), donate_argnums=0)
   batch = {'prompt': _abstract((f.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
   rows = f.batch_size * f.k
   return Program(fn, (state, batch, _abstract((), jnp.int32, repl), frozen),
                  finetune.finetune_flops(cfg, rows), decode_steps=cfg.seq_len)
-
-
-def _finetune_settings(exp) -> dict[str, Any]:
-  """The teacher's guidance and the length bounds, as finetune.make_task passes them."""
-  wanted = inspect.signature(finetune.finetune_step_fn).parameters
-  out = {}
-  if 'guidance' in wanted:
-    out['guidance'] = finetune.teacher_guidance(exp.config)
-  if 'bounds' in wanted:
-    out['bounds'] = exp.length_bounds
-  return out
-
-
-# sampling.generate's traced settings after (params, prompt, key), by argument name.
-def _setting(name: str, repl):
-  f32, i32 = (lambda: _abstract((), jnp.float32, repl)), (lambda: _abstract((), jnp.int32, repl))
-  makers = {'gamma': f32, 'temperature': f32, 'top_k': i32,
-            'guidance': lambda: sampling.Guidance(f32(), f32()),
-            'bounds': lambda: sampling.LengthBounds(i32(), i32())}
-  if name not in makers:
-    raise AotError(f'sampling.generate has an argument {name!r} that benchmarks/aot.py does not '
-                   'know how to make abstract; add it to aot._setting')
-  return makers[name]()
 
 
 def sampler_program(exp, guided: bool) -> Program:
@@ -266,8 +242,9 @@ def sampler_program(exp, guided: bool) -> Program:
                         nn.meta.unbox(model_lib.abstract_params(cfg)), sampler.param_shardings)
   prompt = _abstract((rows, cfg.prompt_len), jnp.int32, batch_s)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  names = list(inspect.signature(sampling.generate).parameters)
-  settings = [_setting(n, repl) for n in names[names.index('key') + 1:]]
+  f32, i32 = _abstract((), jnp.float32, repl), _abstract((), jnp.int32, repl)
+  # generate's traced settings after (params, prompt, key): guidance, temperature, top-k, bounds.
+  settings = (sampling.Guidance(f32, f32), f32, i32, sampling.LengthBounds(i32, i32))
   fn = jax.jit(functools.partial(sampling.generate, cfg, cfg.seq_len, guided),
                out_shardings=(batch_s, batch_s))
   passes = 2 if guided else 1

@@ -12,9 +12,10 @@ fidelity to the data (unseen 2-/3-grams against the training split, the gap
 and Wasserstein-1 distance between generated and held-out lengths), the share
 of well-formed generations (melodies) and of generations that ended with EOS,
 forward passes per token and measured tokens/s. CFG rows guide with
-guidance.plausibility; every system samples under the data's length bounds. Written to DIR/evaluate/: results.csv,
-results.json, front.png (quality vs diversity per family), samples/ (MIDI, WAV
-and piano rolls for melody datasets) and report.html.
+guidance.plausibility; every system samples under the data's length bounds.
+Written to DIR/evaluate/: results.csv, results.json, front.png (quality vs
+diversity per family), samples/ (MIDI, WAV and piano rolls for melody datasets)
+and report.html.
 
     python -m diverse_cfg.main --stage=evaluate --config=configs/essen.py:cpu --workdir=DIR
 """
@@ -76,11 +77,12 @@ def score_samples(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int
 
 
 def fidelity_reference(exp: experiment_lib.Experiment):
-  """The training split's n-grams and the test split's lengths (validation if no test)."""
+  """The training split's n-grams and the held-out split's lengths (test, else validation)."""
   from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
-  rows = lambda src: [np.asarray(src[i]['tokens']) for i in range(len(src))]
-  heldout = exp.sources.get('test') or exp.sources['validation']
-  return evaluators.FidelityReference.from_rows(rows(exp.sources['train']), rows(heldout))
+  from diverse_cfg.evaluators import stage  # pylint: disable=g-import-not-at-top
+  tokens = lambda split: stage.split_arrays(exp.sources[split], ('tokens',))['tokens']
+  return evaluators.FidelityReference.from_rows(tokens('train'),
+                                                tokens(stage.heldout_split(exp.sources)))
 
 
 def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:

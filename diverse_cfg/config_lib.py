@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.temperature = 1.0
   e.render_prompts = 3  # prompts whose samples get MIDI / WAV / piano rolls in the report
   e.ngram = 2  # n for the model-free shared n-gram diversity measure
+  e.level = 0.95  # confidence of every interval and claim verdict (diverse_cfg/claims.py)
+  e.bootstrap_resamples = 1000  # bootstrap draws over prompts (seeded by the config's seed)
+  e.match_margin = 0.02  # claim 2: the student "matches" CFG if its quality is > CFG's - margin
 
   # The frozen evaluators, trained on real data only (diverse_cfg/evaluators/).
   c.embedder = em = _evaluator_section()  # contrastive embedder: the diversity reward
@@ -247,6 +250,10 @@ def validate_evaluate(e: ml_collections.ConfigDict) -> None:
   _require(e.k >= 2, 'evaluate.k', 'diversity needs >= 2 generations per prompt', e.k)
   _require(e.temperature > 0, 'evaluate.temperature', 'must be > 0', e.temperature)
   _require(e.ngram >= 1, 'evaluate.ngram', 'must be >= 1', e.ngram)
+  _require(0 < e.level < 1, 'evaluate.level', 'must lie in (0, 1)', e.level)
+  _require(e.bootstrap_resamples >= 100, 'evaluate.bootstrap_resamples',
+           'an interval needs >= 100 draws', e.bootstrap_resamples)
+  _require(e.match_margin >= 0, 'evaluate.match_margin', 'must be >= 0', e.match_margin)
 
 
 

@@ -34,45 +34,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diverse_cfg import claims as claims_lib
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import merge as merge_lib
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
+from diverse_cfg.evaluators import bootstrap
 
 
 def repeat_prompts(prompts_PxC: np.ndarray, k: int) -> np.ndarray:
   return np.repeat(np.asarray(prompts_PxC, np.int32), k, axis=0)
 
 
-def score_samples(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int = 4,
+def score_figures(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int = 4,
                   well_formed_fn: Callable | None = None,
-                  reference=None) -> dict[str, float]:
-  """Quality, diversity (embedding and model-free), fidelity, well-formedness of P x K samples.
+                  reference=None) -> dict[str, bootstrap.Figure]:
+  """Every figure of P x K samples, as a bootstrap figure over the P prompts.
 
-  reference: an evaluators.FidelityReference (None: no fidelity figures).
+  quality (and per attribute), diversity (embedding), prefix_diversity (the
+  embedding diversity over length-matched pairs), ngram_diversity (model-free),
+  eos_rate, well_formed, length, and with a reference (an
+  evaluators.FidelityReference) the fidelity figures.
   """
   from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
+  from diverse_cfg.evaluators import metrics  # pylint: disable=g-import-not-at-top
   tokens_PxKxT = np.asarray(tokens_PxKxT)
   p, k, t = tokens_PxKxT.shape
   flat_BxT = tokens_PxKxT.reshape(p * k, t)
-  out = {'diversity': float(evaluators.diversity(embedder, jnp.asarray(tokens_PxKxT)))}
-  out['ngram_diversity'] = 1.0 - float(evaluators.shared_ngram_fraction(tokens_PxKxT, n=ngram))
+  out = {'diversity': bootstrap.prompt_mean(
+             metrics.diversity_per_prompt(embedder, jnp.asarray(tokens_PxKxT))),
+         'prefix_diversity': bootstrap.prompt_mean(
+             metrics.prefix_diversity_per_prompt(embedder, tokens_PxKxT)),
+         'ngram_diversity': bootstrap.prompt_mean(
+             1.0 - metrics.shared_ngram_fraction_per_prompt(tokens_PxKxT, n=ngram))}
   if quality_model is not None:
     mean_B, per_attr_BxA = evaluators.quality(quality_model, jnp.asarray(flat_BxT),
                                               jnp.asarray(repeat_prompts(prompts_PxC, k)))
-    out['quality'] = float(np.mean(mean_B))
+    out['quality'] = bootstrap.row_mean(np.asarray(mean_B).reshape(p, k))
     for i, name in enumerate(getattr(quality_model, 'attribute_names', None) or
                              [str(a) for a in range(per_attr_BxA.shape[1])]):
-      out[f'quality/{name}'] = float(np.mean(np.asarray(per_attr_BxA)[:, i]))
-  has_eos = (flat_BxT == specials.EOS).any(axis=1)
-  out['eos_rate'] = float(np.mean(has_eos))
+      out[f'quality/{name}'] = bootstrap.row_mean(np.asarray(per_attr_BxA)[:, i].reshape(p, k))
+  out['eos_rate'] = bootstrap.row_mean((tokens_PxKxT == specials.EOS).any(axis=-1))
   if well_formed_fn is not None:
-    out['well_formed'] = float(np.mean([well_formed_fn(row) for row in flat_BxT]))
-  out['length'] = float(np.mean((flat_BxT != specials.PAD).sum(axis=1)))
+    out['well_formed'] = bootstrap.row_mean(
+        np.asarray([well_formed_fn(row) for row in flat_BxT], np.float64).reshape(p, k))
+  out['length'] = bootstrap.row_mean((tokens_PxKxT != specials.PAD).sum(axis=-1))
   if reference is not None:
-    out.update(evaluators.fidelity(flat_BxT, reference))
+    out.update(metrics.fidelity_figures(tokens_PxKxT, reference))
+  return out
+
+
+def score_samples(tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram: int = 4,
+                  well_formed_fn: Callable | None = None,
+                  reference=None) -> dict[str, float]:
+  """The point values of score_figures."""
+  return {name: f.point() for name, f in score_figures(
+      tokens_PxKxT, prompts_PxC, embedder, quality_model, ngram, well_formed_fn,
+      reference).items()}
+
+
+def with_intervals(figures: dict[str, bootstrap.Figure], idx_RxP: np.ndarray,
+                   level: float) -> dict[str, float]:
+  """{name: point, name_lo, name_hi: its bootstrap interval at the level}."""
+  out = {}
+  for name, f in figures.items():
+    s = bootstrap.summary(f.draws(idx_RxP), level)
+    out.update({name: s['value'], f'{name}_lo': s['lo'], f'{name}_hi': s['hi']})
   return out
 
 
@@ -168,24 +197,33 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
   # Compile both samplers once, so the timings below measure sampling only.
   for s in (systems[0], systems[1]):
     sample_k(sample_fn(s), prompts_PxC, e.k, key)
-  rows, samples = [], {}
+  idx_RxP = bootstrap.resample(len(prompts_PxC), e.bootstrap_resamples, exp.config.seed)
+  rows, samples, figures = [], {}, {}
   for s in systems:
     tokens, seconds = sample_k(sample_fn(s), prompts_PxC, e.k, key)
     samples[s.name] = tokens
-    metrics = score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram, well_formed,
-                            reference)
+    figures[s.name] = score_figures(tokens, prompts_PxC, embedder, quality_model, e.ngram,
+                                    well_formed, reference)
     rows.append({'system': s.name, 'family': s.family, 'setting': s.setting,
                  'plausibility': float(s.guidance.plausibility) if s.guided else 0.0,
                  'passes_per_token': s.passes_per_token,
-                 'tokens_per_sec': tokens.size / seconds, **metrics})
+                 'tokens_per_sec': tokens.size / seconds,
+                 **with_intervals(figures[s.name], idx_RxP, e.level)})
     if jax.process_index() == 0:  # every process has the same row
-      print(f"{s.name:>22}: " + ', '.join(f'{k}={v:.4g}' for k, v in rows[-1].items()
-                                          if isinstance(v, float) and '/' not in k))
+      print(f"{s.name:>22}: " + ', '.join(
+          f'{k}={v:.4g}' for k, v in rows[-1].items() if isinstance(v, float) and '/' not in k
+          and not k.endswith(('_lo', '_hi'))))
+  claims = claims_lib.decide(rows, figures, idx_RxP, exp.config.finetune.teacher_gamma,
+                             e.level, e.match_margin)
   if jax.process_index() == 0:  # every process computed the same rows; one writes them
+    print('\n'.join(claims_lib.headline(claims)))
+    with open(os.path.join(out_dir, 'claims.json'), 'w') as f:
+      json.dump({'level': e.level, 'num_prompts': len(prompts_PxC), 'k': e.k,
+                 'bootstrap_resamples': e.bootstrap_resamples, 'claims': claims}, f, indent=1)
     write_table(rows, out_dir)
     plot_front(rows, os.path.join(out_dir, 'front.png'))
     rendered = render_samples(exp.meta, samples, prompts_PxC, e.render_prompts, out_dir)
-    write_report(rows, rendered, exp.meta, prompts_PxC, out_dir)
+    write_report(rows, rendered, exp.meta, prompts_PxC, out_dir, claims)
   return rows
 
 
@@ -218,6 +256,12 @@ def plot_front(rows: list[dict], path: str) -> None:
              'base': 'base, no CFG'}[family]
     ax.plot([r['diversity'] for r in fam], [r['quality'] for r in fam], style, color=color,
             label=label)
+    if 'quality_lo' in fam[0]:  # the bootstrap intervals as whiskers
+      whisker = lambda m: np.abs(np.asarray([[r[f'{m}_lo'] for r in fam], [r[f'{m}_hi'] for r in fam]])
+                                 - np.asarray([r[m] for r in fam]))
+      ax.errorbar([r['diversity'] for r in fam], [r['quality'] for r in fam],
+                  xerr=whisker('diversity'), yerr=whisker('quality'), fmt='none', ecolor=color,
+                  alpha=0.4, capsize=2)
     for r in fam:
       ax.annotate(f"{r['setting']:g}", (r['diversity'], r['quality']), fontsize=7,
                   textcoords='offset points', xytext=(3, 3), color=color)
@@ -254,15 +298,45 @@ def render_samples(meta, samples: dict[str, np.ndarray], prompts_PxC, num_prompt
   return files
 
 
-def write_report(rows, rendered, meta, prompts_PxC, out_dir: str) -> str:
-  cols = [k for k in rows[0] if k not in ('family',)]
-  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else html.escape(str(v))
+def _cell(row: dict, name: str) -> str:
+  """A figure with its interval, for reading: 0.723 [0.701, 0.745]; counts without decimals."""
+  v = row[name]
+  if not isinstance(v, float):
+    return html.escape(str(v))
+  digits = 0 if abs(v) >= 1000 else 1 if abs(v) >= 10 else 3
+  text = f'{v:,.{digits}f}'
+  if f'{name}_lo' in row:
+    text += (f' <span class="ci">[{row[name + "_lo"]:,.{digits}f}, '
+             f'{row[name + "_hi"]:,.{digits}f}]</span>')
+  return text
+
+
+REPORT_STYLE = """<style>
+body { font-family: sans-serif; max-width: 1300px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.ci { color: #888; font-size: 11px; }
+.holds { color: #17803d; } .fails { color: #b3261e; } .undecided { color: #8a6d00; }
+</style>"""
+
+
+def write_report(rows, rendered, meta, prompts_PxC, out_dir: str,
+                 claims: list[dict] | None = None) -> str:
+  cols = ['system', 'passes_per_token', 'tokens_per_sec'] + [
+      k for k in rows[0] if isinstance(rows[0][k], float) and not k.endswith(('_lo', '_hi'))
+      and k not in ('setting', 'plausibility', 'tokens_per_sec')]
   table = '<tr>' + ''.join(f'<th>{html.escape(c)}</th>' for c in cols) + '</tr>\n'
-  table += ''.join('<tr>' + ''.join(f'<td>{fmt(r[c])}</td>' for c in cols) + '</tr>\n'
+  table += ''.join('<tr>' + ''.join(f'<td>{_cell(r, c)}</td>' for c in cols) + '</tr>\n'
                    for r in rows)
-  parts = [f'<h1>diverse_cfg: quality / diversity on {html.escape(meta.name)}</h1>',
-           '<img src="front.png" alt="quality vs diversity front">',
-           '<h2>Results</h2><table border=1 cellpadding=3>' + table + '</table>']
+  parts = [f'<h1>diverse_cfg: quality / diversity on {html.escape(meta.name)}</h1>']
+  if claims:
+    parts.append('<h2>The paper\'s claims</h2><ul>' + ''.join(
+        f'<li class="{c["verdict"]}"><b>{html.escape(line)}</b></li>'
+        for c, line in zip(claims, claims_lib.headline(claims))) + '</ul>')
+  parts += ['<img src="front.png" alt="quality vs diversity front">',
+            '<h2>Results</h2><p>Each figure with its bootstrap interval over prompts.</p>'
+            '<table>' + table + '</table>']
   if rendered is None:
     parts.append('<p>Audio and piano rolls are skipped: this dataset is not a melody dataset.</p>')
   else:
@@ -276,7 +350,7 @@ def write_report(rows, rendered, meta, prompts_PxC, out_dir: str) -> str:
                        f'<audio controls src="{f["wav"]}"></audio> <a href="{f["mid"]}">MIDI</a>'
                        f'<br><img src="{f["png"]}" width=700>')
   page = ('<!doctype html><html><head><meta charset="utf-8"><title>diverse_cfg report</title>'
-          '</head><body>' + '\n'.join(parts) + '</body></html>')
+          + REPORT_STYLE + '</head><body>' + '\n'.join(parts) + '</body></html>')
   path = os.path.join(out_dir, 'report.html')
   with open(path, 'w') as f:
     f.write(page)

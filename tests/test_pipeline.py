@@ -1,7 +1,9 @@
 """The whole pipeline (`--stage=all`) on a small imported dataset, and the evaluation's invariants."""
 
 import csv
+import json
 import os
+import re
 
 import helpers
 from diverse_cfg import main
@@ -39,5 +41,15 @@ def test_stage_all_writes_the_comparison_and_its_identities_hold(tmp_path):
   for r in rows.values():
     assert 0.0 <= float(r['quality']) <= 1.0 and 0.0 <= float(r['diversity']) <= 2.0
   assert os.path.getsize(os.path.join(out, 'front.png')) > 0
+  for r in rows.values():  # every figure with its interval
+    for m in METRICS + ('prefix_diversity', 'unseen_2gram', 'length_w1'):
+      assert float(r[f'{m}_lo']) <= float(r[m]) <= float(r[f'{m}_hi']), (r['system'], m)
+  with open(os.path.join(out, 'claims.json')) as fh:
+    verdict = json.load(fh)
+  assert [c['claim'] for c in verdict['claims']] == [1, 2, 3, 4]
+  assert {c['verdict'] for c in verdict['claims']} <= {'holds', 'fails', 'undecided'}
   with open(os.path.join(out, 'report.html')) as fh:
-    assert 'not a melody dataset' in fh.read()
+    page = fh.read()
+  assert 'not a melody dataset' in page and 'claim 4' in page
+  for ref in re.findall(r'(?:src|href)="([^"]+)"', page):  # the page names only files that exist
+    assert os.path.isfile(os.path.join(out, ref)), ref

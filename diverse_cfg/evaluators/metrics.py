@@ -20,6 +20,7 @@ import numpy as np
 
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
+from diverse_cfg.evaluators import bootstrap
 from diverse_cfg.evaluators import chunks
 from diverse_cfg.evaluators import encoder
 from diverse_cfg.evaluators import interface
@@ -58,19 +59,68 @@ def mean_off_diagonal(x_PxKxK: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _diversity(apply: Callable, params: Any, tokens_PxKxT: jax.Array) -> jax.Array:
+def _diversity_P(apply: Callable, params: Any, tokens_PxKxT: jax.Array) -> jax.Array:
   p, k, t = tokens_PxKxT.shape
   emb_PxKxD = apply(params, tokens_PxKxT.reshape(p * k, t)).reshape(p, k, -1)
-  return jnp.mean(mean_off_diagonal(pairwise_dissimilarity(emb_PxKxD, tokens_PxKxT)))
+  return mean_off_diagonal(pairwise_dissimilarity(emb_PxKxD, tokens_PxKxT))
 
 
-def diversity(embedder: interface.Embedder, tokens_PxKxT) -> jax.Array:
-  """Mean over prompts of the mean pairwise (1 - cos) among each prompt's K generations."""
+def _check_generations(tokens_PxKxT) -> jax.Array:
   tokens_PxKxT = jnp.asarray(tokens_PxKxT, jnp.int32)
   if tokens_PxKxT.ndim != 3 or tokens_PxKxT.shape[1] < 2:
     raise ValueError(f'diversity needs tokens [P, K, T] with K >= 2 generations per prompt, '
                      f'got shape {tuple(tokens_PxKxT.shape)}')
-  return _diversity(embedder.apply, embedder.params, tokens_PxKxT)
+  return tokens_PxKxT
+
+
+def diversity_per_prompt(embedder: interface.Embedder, tokens_PxKxT) -> jax.Array:
+  """[P]: the mean pairwise (1 - cos) among each prompt's K generations."""
+  return _diversity_P(embedder.apply, embedder.params, _check_generations(tokens_PxKxT))
+
+
+def diversity(embedder: interface.Embedder, tokens_PxKxT) -> jax.Array:
+  """Mean over prompts of the mean pairwise (1 - cos) among each prompt's K generations."""
+  return jnp.mean(diversity_per_prompt(embedder, tokens_PxKxT))
+
+
+def length_matched_pairs(tokens_PxKxT) -> tuple[np.ndarray, np.ndarray]:
+  """Every pair i < j of a prompt's generations, both cut to the shorter one's events.
+
+  Returns rows a, b [P, K(K-1)/2, T]: events[:L] then EOS then PAD, with L the
+  smaller of the pair's event counts.
+  """
+  tokens_PxKxT = np.asarray(tokens_PxKxT)
+  p, k, t = tokens_PxKxT.shape
+  pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+  a, b = (np.full((p, len(pairs), t), specials.PAD, tokens_PxKxT.dtype) for _ in range(2))
+  for q in range(p):
+    events = [events_of(row) for row in tokens_PxKxT[q]]
+    for m, (i, j) in enumerate(pairs):
+      n = min(len(events[i]), len(events[j]), t - 1)
+      for out, e in ((a, events[i]), (b, events[j])):
+        out[q, m, :n] = e[:n]
+        out[q, m, n] = specials.EOS
+  return a, b
+
+
+def prefix_diversity_per_prompt(embedder: interface.Embedder, tokens_PxKxT,
+                                batch_size: int = 128) -> np.ndarray:
+  """[P]: embedding diversity over length-matched pairs (a length change alone cannot raise it).
+
+  Each pair of a prompt's generations is compared on equal footing: both cut
+  to the shorter one's events, so generations that differ only in where they
+  stop score exactly 0, and same-length generations score as in `diversity`.
+  The mean of 1 - cos over the K(K-1)/2 pairs.
+  """
+  a_PxMxT, b_PxMxT = length_matched_pairs(_check_generations(tokens_PxKxT))
+  p, m, t = a_PxMxT.shape
+  emb_a, emb_b = (encoder.l2_normalize(jnp.asarray(embed_all(embedder, x.reshape(p * m, t),
+                                                             batch_size), jnp.float32))
+                  for x in (a_PxMxT, b_PxMxT))
+  diff = emb_a - emb_b
+  d_PxM = np.asarray(0.5 * jnp.sum(diff * diff, axis=-1)).reshape(p, m)
+  d_PxM = np.where(np.all(a_PxMxT == b_PxMxT, axis=-1), 0.0, d_PxM)
+  return d_PxM.mean(axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -97,25 +147,30 @@ def _ngrams(events: np.ndarray, n: int) -> list[tuple[int, ...]]:
   return [tuple(events[s:s + n].tolist()) for s in range(len(events) - n + 1)]
 
 
-def shared_ngram_fraction(tokens_PxKxT, n: int = 4) -> float:
-  """Model-free similarity of a prompt's generations (high = alike, 1 = copies).
-
-  For an ordered pair (i, j) of one prompt's generations: the share of i's
-  n-gram occurrences (over its events, counted with repetition) whose n-gram
-  occurs anywhere in j. Averaged over ordered pairs i != j and then prompts;
-  pairs where i has no n-gram (fewer than n events) are left out, and a
-  prompt with no such pair is left out; NaN if nothing is left.
-  """
-  tokens_PxKxT = np.asarray(tokens_PxKxT)
+def shared_ngram_fraction_per_prompt(tokens_PxKxT, n: int = 4) -> np.ndarray:
+  """[P]: for each prompt, the mean over ordered pairs (i, j), i != j, of its generations
+  of the share of i's n-gram occurrences (over its events, with repetition) whose n-gram
+  occurs anywhere in j. Pairs where i has no n-gram are left out; NaN for a prompt with
+  no pair left."""
   per_prompt = []
-  for gens_KxT in tokens_PxKxT:
+  for gens_KxT in np.asarray(tokens_PxKxT):
     grams = [_ngrams(events_of(row), n) for row in gens_KxT]
     sets = [set(g) for g in grams]
     shares = [np.mean([g in sets[j] for g in grams[i]])
               for i in range(len(grams)) for j in range(len(grams)) if i != j and grams[i]]
-    if shares:
-      per_prompt.append(np.mean(shares))
-  return float(np.mean(per_prompt)) if per_prompt else float('nan')
+    per_prompt.append(np.mean(shares) if shares else np.nan)
+  return np.asarray(per_prompt, np.float64)
+
+
+def shared_ngram_fraction(tokens_PxKxT, n: int = 4) -> float:
+  """Model-free similarity of a prompt's generations (high = alike, 1 = copies).
+
+  The mean over prompts of `shared_ngram_fraction_per_prompt`, prompts with
+  no pair left out; NaN if nothing is left.
+  """
+  per_prompt = shared_ngram_fraction_per_prompt(tokens_PxKxT, n)
+  per_prompt = per_prompt[np.isfinite(per_prompt)]
+  return float(np.mean(per_prompt)) if per_prompt.size else float('nan')
 
 
 def anchored_events(row_T: np.ndarray) -> np.ndarray:
@@ -150,10 +205,17 @@ class FidelityReference:
                length_step=max(step, 1))
 
 
+def unseen_ngram_counts(rows, seen: frozenset, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per row: (anchored n-gram occurrences never seen in `seen`, all its n-gram occurrences)."""
+  grams = [_ngrams(anchored_events(r), n) for r in rows]
+  return (np.asarray([sum(g not in seen for g in gs) for gs in grams], np.float64),
+          np.asarray([len(gs) for gs in grams], np.float64))
+
+
 def unseen_ngram_rate(rows, seen: frozenset, n: int) -> float:
   """Share of the rows' anchored n-gram occurrences that never occur in `seen`."""
-  grams = [g for r in rows for g in _ngrams(anchored_events(r), n)]
-  return float(np.mean([g not in seen for g in grams])) if grams else float('nan')
+  unseen, total = unseen_ngram_counts(rows, seen, n)
+  return float(unseen.sum() / total.sum()) if total.sum() else float('nan')
 
 
 def wasserstein_1(a, b) -> float:
@@ -164,6 +226,26 @@ def wasserstein_1(a, b) -> float:
   cdf_a = np.searchsorted(a, grid[:-1], side='right') / len(a)
   cdf_b = np.searchsorted(b, grid[:-1], side='right') / len(b)
   return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(grid)))
+
+
+def fidelity_figures(tokens_PxKxT, reference: FidelityReference) -> dict[str, bootstrap.Figure]:
+  """`fidelity` of P x K generations as bootstrap figures over the P prompts."""
+  tokens_PxKxT = np.asarray(tokens_PxKxT)
+  p, k, _ = tokens_PxKxT.shape
+  rows = tokens_PxKxT.reshape(p * k, -1)
+  out = {}
+  for n, seen in sorted(reference.ngrams.items()):
+    unseen_B, total_B = unseen_ngram_counts(rows, seen, n)
+    out[f'unseen_{n}gram'] = bootstrap.ratio(unseen_B.reshape(p, k).sum(1),
+                                             total_B.reshape(p, k).sum(1))
+  lengths_PxK = np.asarray([event_count(r) for r in rows], np.float64).reshape(p, k)
+  held_mean = reference.lengths.mean()
+  mean_length = bootstrap.row_mean(lengths_PxK)
+  out['length_gap'] = bootstrap.Figure(lambda idx: mean_length.draws(idx) - held_mean, p)
+  out['length_w1'] = bootstrap.per_draw(
+      lambda drawn: wasserstein_1(lengths_PxK[drawn].ravel(), reference.lengths), p)
+  out['length_off_grid'] = bootstrap.row_mean(lengths_PxK % reference.length_step != 0)
+  return out
 
 
 def fidelity(rows, reference: FidelityReference) -> dict[str, float]:
@@ -177,13 +259,8 @@ def fidelity(rows, reference: FidelityReference) -> dict[str, float]:
   training lengths' gcd (a row ended inside a multi-token event; 0 when the
   gcd is 1).
   """
-  out = {f'unseen_{n}gram': unseen_ngram_rate(rows, seen, n)
-         for n, seen in sorted(reference.ngrams.items())}
-  lengths = np.asarray([event_count(r) for r in rows], np.float64)
-  out['length_gap'] = float(lengths.mean() - reference.lengths.mean())
-  out['length_w1'] = wasserstein_1(lengths, reference.lengths)
-  out['length_off_grid'] = float(np.mean(lengths % reference.length_step != 0))
-  return out
+  rows = np.asarray(rows)
+  return {name: f.point() for name, f in fidelity_figures(rows[None], reference).items()}
 
 
 def in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   f.temperature = 1.0  # student sampling temperature during finetuning (1 = on-policy)
   f.eval_prompts = 32  # held-out prompts for the periodic quality/diversity evaluation
   f.eval_k = 4
+  # Converged? The KL's least-squares line over the last plateau_window of the steps moves by
+  # <= plateau_tol of its mean (diverse_cfg/convergence.py); reported, never enforced.
+  f.plateau_window = 0.5
+  f.plateau_tol = 0.1
 
   # How the CFG teacher guides, wherever it appears: finetuning's teacher scoring, the
   # evaluation's CFG sweep (and `sample`'s default, through the checkpoint's config).
@@ -104,7 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_prompts = 64  # held-out (test split) prompts
   e.k = 4  # generations per prompt
   e.temperature = 1.0
-  e.render_prompts = 3  # prompts whose samples get MIDI / WAV / piano rolls in the report
+  e.render_prompts = 3  # prompts whose samples are shown in the report
+  # How samples are shown (diverse_cfg/renderers.py): auto | melody | tokens | pkg.module:function
+  e.renderer = 'auto'
   e.ngram = 2  # n for the model-free shared n-gram diversity measure
   e.level = 0.95  # confidence of every interval and claim verdict (diverse_cfg/claims.py)
   e.bootstrap_resamples = 1000  # bootstrap draws over prompts (seeded by the config's seed)
@@ -234,6 +240,9 @@ def validate_finetune(f: ml_collections.ConfigDict) -> None:
            "must be 'student_teacher' (KL(student||teacher), the paper's) or 'teacher_student'",
            f.kl)
   _require(f.k >= 2, 'finetune.k', 'the diversity reward needs >= 2 samples per prompt', f.k)
+  _require(0 < f.plateau_window <= 1, 'finetune.plateau_window', 'must lie in (0, 1]',
+           f.plateau_window)
+  _require(f.plateau_tol > 0, 'finetune.plateau_tol', 'must be > 0', f.plateau_tol)
   _require(f.k >= 3 or f.batch_size >= 2, 'finetune.batch_size',
            'k = 2 needs >= 2 prompts per step (their pairs form the baseline)', f.batch_size)
   _require(f.temperature > 0, 'finetune.temperature', 'must be > 0', f.temperature)
@@ -250,6 +259,8 @@ def validate_evaluate(e: ml_collections.ConfigDict) -> None:
   _require(e.k >= 2, 'evaluate.k', 'diversity needs >= 2 generations per prompt', e.k)
   _require(e.temperature > 0, 'evaluate.temperature', 'must be > 0', e.temperature)
   _require(e.ngram >= 1, 'evaluate.ngram', 'must be >= 1', e.ngram)
+  _require(e.renderer in ('auto', 'melody', 'tokens') or ':' in e.renderer, 'evaluate.renderer',
+           "must be 'auto', 'melody', 'tokens' or 'pkg.module:function'", e.renderer)
   _require(0 < e.level < 1, 'evaluate.level', 'must lie in (0, 1)', e.level)
   _require(e.bootstrap_resamples >= 100, 'evaluate.bootstrap_resamples',
            'an interval needs >= 100 draws', e.bootstrap_resamples)

@@ -7,15 +7,21 @@ generations each and the same keys:
   student  each finetuned student (beta in finetune.betas; 1 pass)
   merge    LERP of the beta-min and beta-max students over evaluate.lambdas (1 pass)
 For each: quality (mean adherence probability, and per attribute), embedding
-diversity, a model-free diversity (1 - shared n-gram fraction), the model-free
+diversity, the same over length-matched pairs (prefix_diversity: a change of
+length alone cannot raise it), a model-free diversity (1 - shared n-gram
+fraction), the model-free
 fidelity to the data (unseen 2-/3-grams against the training split, the gap
 and Wasserstein-1 distance between generated and held-out lengths), the share
 of well-formed generations (melodies) and of generations that ended with EOS,
 forward passes per token and measured tokens/s. CFG rows guide with
 guidance.plausibility; every system samples under the data's length bounds.
-Written to DIR/evaluate/: results.csv, results.json, front.png (quality vs
-diversity per family), samples/ (MIDI, WAV and piano rolls for melody datasets)
-and report.html.
+Every figure has a bootstrap interval over prompts (evaluate.level); the
+paper's four claims are decided from paired draws (claims.py). Written to
+DIR/evaluate/: claims.json, results.csv, results.json (each figure with _lo /
+_hi), front.png (quality vs diversity per family, with whiskers), curves.png
+(the students' training curves), samples/ (through evaluate.renderer: MIDI,
+WAV and piano rolls for melodies, a picture of the token rows otherwise) and
+report.html.
 
     python -m diverse_cfg.main --stage=evaluate --config=configs/essen.py:cpu --workdir=DIR
 """
@@ -35,9 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverse_cfg import claims as claims_lib
+from diverse_cfg import convergence
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import merge as merge_lib
+from diverse_cfg import renderers
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
@@ -222,8 +230,14 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
                  'bootstrap_resamples': e.bootstrap_resamples, 'claims': claims}, f, indent=1)
     write_table(rows, out_dir)
     plot_front(rows, os.path.join(out_dir, 'front.png'))
-    rendered = render_samples(exp.meta, samples, prompts_PxC, e.render_prompts, out_dir)
-    write_report(rows, rendered, exp.meta, prompts_PxC, out_dir, claims)
+    rendered = render_samples(exp.meta, samples, prompts_PxC, e.render_prompts, out_dir,
+                              e.renderer)
+    betas = sorted(float(b) for b in exp.config.finetune.betas)
+    curves = plot_curves(workdir, betas, os.path.join(out_dir, 'curves.png'))
+    converged = [convergence.describe(f'student beta={b:g}', convergence.check(
+        finetune.student_dir(workdir, b), exp.config.finetune)) for b in betas]
+    write_report(rows, rendered, exp.meta, prompts_PxC, out_dir, claims,
+                 curves and os.path.basename(curves), converged, exp.config)
   return rows
 
 
@@ -276,26 +290,62 @@ def plot_front(rows: list[dict], path: str) -> None:
 
 
 def render_samples(meta, samples: dict[str, np.ndarray], prompts_PxC, num_prompts: int,
-                   out_dir: str) -> dict[tuple[str, int], dict[str, str]] | None:
-  """MIDI, WAV and a piano roll of sample 0 of the first prompts, per system (melodies only)."""
-  if not meta.is_melody:
-    return None
-  from diverse_cfg.data import melody  # pylint: disable=g-import-not-at-top
+                   out_dir: str, renderer: str = 'auto') -> dict[tuple[str, int], dict[str, str]]:
+  """The K generations of the first prompts, per system, through the dataset's renderer.
+
+  Returns {(system, prompt): {extension: path relative to out_dir}}.
+  """
+  render = renderers.resolve(renderer, meta)
   sample_dir = os.path.join(out_dir, 'samples')
   os.makedirs(sample_dir, exist_ok=True)
   files = {}
   for name, tokens_PxKxT in samples.items():
     slug = name.replace(' ', '_').replace('=', '')
     for p in range(min(num_prompts, len(prompts_PxC))):
-      stem = os.path.join(sample_dir, f'{slug}_p{p}')
-      row = tokens_PxKxT[p, 0]
-      melody.write_midi(row, stem + '.mid')
-      melody.write_wav(row, stem + '.wav')
-      melody.piano_roll_png([tokens_PxKxT[p, i] for i in range(min(2, tokens_PxKxT.shape[1]))],
-                            stem + '.png', titles=[f'{name}, sample {i}' for i in range(2)])
-      files[(name, p)] = {ext: os.path.relpath(stem + '.' + ext, out_dir)
-                          for ext in ('mid', 'wav', 'png')}
+      written = render(np.asarray(tokens_PxKxT[p]), meta, os.path.join(sample_dir, f'{slug}_p{p}'))
+      files[(name, p)] = {ext: os.path.relpath(path, out_dir) for ext, path in written.items()}
   return files
+
+
+CURVES = ('kl', 'reward/diversity', 'entropy', 'length')
+
+
+def plot_curves(workdir: str, betas, path: str) -> str | None:
+  """Each student's training curves (CURVES, per logged step) from its metrics.jsonl."""
+  runs = {b: convergence.read_metrics(os.path.join(finetune.student_dir(workdir, float(b)),
+                                                   'metrics.jsonl')) for b in betas}
+  runs = {b: r for b, r in runs.items() if r}
+  if not runs:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+  for ax, key in zip(axes, CURVES):
+    for b, rows in runs.items():
+      pts = [(r['step'], r[key]) for r in rows if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=f'beta={float(b):g}')
+    ax.set_title(key)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def library_versions() -> dict[str, str]:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in ('diverse_cfg', 'jax', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'grain',
+               'tensorflow-datasets', 'music21'):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = 'not installed'
+  return out
 
 
 def _cell(row: dict, name: str) -> str:
@@ -322,7 +372,10 @@ th:first-child, td:first-child { text-align: left; }
 
 
 def write_report(rows, rendered, meta, prompts_PxC, out_dir: str,
-                 claims: list[dict] | None = None) -> str:
+                 claims: list[dict] | None = None, curves: str | None = None,
+                 convergence_lines: tuple[str, ...] = (), config=None) -> str:
+  """report.html in out_dir: the claims verdict, the front, the table with intervals, the
+  students' training curves, the sample gallery, the config and library versions."""
   cols = ['system', 'passes_per_token', 'tokens_per_sec'] + [
       k for k in rows[0] if isinstance(rows[0][k], float) and not k.endswith(('_lo', '_hi'))
       and k not in ('setting', 'plausibility', 'tokens_per_sec')]
@@ -337,18 +390,30 @@ def write_report(rows, rendered, meta, prompts_PxC, out_dir: str,
   parts += ['<img src="front.png" alt="quality vs diversity front">',
             '<h2>Results</h2><p>Each figure with its bootstrap interval over prompts.</p>'
             '<table>' + table + '</table>']
-  if rendered is None:
-    parts.append('<p>Audio and piano rolls are skipped: this dataset is not a melody dataset.</p>')
-  else:
-    for p in sorted({p for _, p in rendered}):
-      prompt = ', '.join(f'{k}: {v}' for k, v in meta.decode_prompt(prompts_PxC[p]).items())
-      parts.append(f'<h2>Prompt {p}: {html.escape(prompt)}</h2>')
-      for r in rows:
-        f = rendered.get((r['system'], p))
-        if f:
-          parts.append(f'<h3>{html.escape(r["system"])}</h3>'
-                       f'<audio controls src="{f["wav"]}"></audio> <a href="{f["mid"]}">MIDI</a>'
-                       f'<br><img src="{f["png"]}" width=700>')
+  if curves:
+    parts.append('<h2>Training curves of the students</h2><ul>' + ''.join(
+        f'<li>{html.escape(line)}</li>' for line in convergence_lines) + '</ul>'
+        f'<img src="{curves}" alt="training curves" width=1200>')
+  parts.append('<h2>Samples</h2>')
+  for p in sorted({p for _, p in rendered}):
+    prompt = ', '.join(f'{k}: {v}' for k, v in meta.decode_prompt(prompts_PxC[p]).items())
+    parts.append(f'<h3>Prompt {p}: {html.escape(prompt)}</h3>')
+    for r in rows:
+      files = rendered.get((r['system'], p), {})
+      media = []
+      for ext, rel in files.items():
+        if ext == 'wav':
+          media.append(f'<audio controls src="{rel}"></audio>')
+        elif ext == 'png':
+          media.append(f'<br><img src="{rel}" width=700>')
+        else:
+          media.append(f'<a href="{rel}">{html.escape(ext.upper())}</a>')
+      if media:
+        parts.append(f'<h4>{html.escape(r["system"])}</h4>' + ' '.join(media))
+  if config is not None:
+    parts.append('<h2>Configuration and versions</h2><pre>' + html.escape(
+        json.dumps(library_versions(), indent=1)) + '</pre><details><summary>config</summary><pre>'
+        + html.escape(config.to_json_best_effort(indent=1)) + '</pre></details>')
   page = ('<!doctype html><html><head><meta charset="utf-8"><title>diverse_cfg report</title>'
           + REPORT_STYLE + '</head><body>' + '\n'.join(parts) + '</body></html>')
   path = os.path.join(out_dir, 'report.html')

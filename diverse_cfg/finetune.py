@@ -16,6 +16,7 @@ unbiased leave-one-out baseline; loss = mean KL - beta * surrogate.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 
 from diverse_cfg import checkpoints
+from diverse_cfg import convergence
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import model as model_lib
@@ -171,6 +173,18 @@ def run(config, workdir: str, embedder, quality_model=None, devices=None, progre
           quality_model, jax.random.key(exp.config.seed + 7), ngram=exp.config.evaluate.ngram,
           reference=reference)
     task = make_task(exp, workdir, float(beta), embedder, evaluate_fn)
-    results[beta] = training.run(task, f, exp.config, student_dir(workdir, float(beta)), exp.mesh,
-                                 exp.rules, progress=progress)
+    out_dir = student_dir(workdir, float(beta))
+    results[beta] = training.run(task, f, exp.config, out_dir, exp.mesh, exp.rules,
+                                 progress=progress)
+    report_convergence(out_dir, task.name, f)
   return results
+
+
+def report_convergence(out_dir: str, name: str, f) -> dict:
+  """Whether the student's KL has plateaued: printed and written to out_dir/convergence.json."""
+  verdict = convergence.check(out_dir, f)
+  if jax.process_index() == 0:
+    print(convergence.describe(name, verdict))
+    with open(os.path.join(out_dir, 'convergence.json'), 'w') as fh:
+      json.dump(verdict, fh, indent=1)
+  return verdict

@@ -50,6 +50,6 @@ def test_stage_all_writes_the_comparison_and_its_identities_hold(tmp_path):
   assert {c['verdict'] for c in verdict['claims']} <= {'holds', 'fails', 'undecided'}
   with open(os.path.join(out, 'report.html')) as fh:
     page = fh.read()
-  assert 'not a melody dataset' in page and 'claim 4' in page
+  assert 'claim 4' in page and 'curves.png' in page and '<img src="samples/' in page
   for ref in re.findall(r'(?:src|href)="([^"]+)"', page):  # the page names only files that exist
     assert os.path.isfile(os.path.join(out, ref)), ref

@@ -1,0 +1,46 @@
+"""The finetuning runs' convergence criterion on metrics.jsonl."""
+
+import json
+
+import numpy as np
+import pytest
+
+from diverse_cfg import convergence
+
+
+def _rows(kl_fn, steps=range(10, 310, 10)):
+  return [{'step': s, 'kl': float(kl_fn(s)), 'loss': 0.0} for s in steps]
+
+
+def test_a_flattened_decay_has_plateaued_and_a_steady_descent_has_not():
+  flat = convergence.plateau(_rows(lambda s: 5 + 20 * np.exp(-s / 20)))
+  assert flat['plateaued'] and flat['window_steps'] == [150, 300]
+  falling = convergence.plateau(_rows(lambda s: 30 - 0.05 * s))
+  # slope -0.05 over 150 steps = -7.5 against a mean of 18.75: -40 %
+  assert not falling['plateaued']
+  assert falling['relative_change'] == pytest.approx(-7.5 / 18.75)
+  rising = convergence.plateau(_rows(lambda s: 10 + 0.02 * s), tol=0.1)
+  assert not rising['plateaued'] and rising['relative_change'] > 0.1
+
+
+def test_the_tolerance_is_the_boundary():
+  rows = _rows(lambda s: 20 - 0.01 * s)  # moves -1.5 over the window, mean 17.75: -8.45 %
+  assert convergence.plateau(rows, tol=0.09)['plateaued']
+  assert not convergence.plateau(rows, tol=0.08)['plateaued']
+
+
+def test_too_few_points_and_missing_metric_are_not_converged():
+  few = convergence.plateau(_rows(lambda s: 1.0, steps=(10, 20)))
+  assert not few['plateaued'] and 'need 3' in few['reason']
+  assert 'no entropy' in convergence.plateau(_rows(lambda s: 1.0), key='entropy')['reason']
+  assert 'unknown' in convergence.describe('beta=0', few)
+
+
+def test_read_metrics_keeps_one_row_per_step_after_a_resume(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  lines = [{'step': 10, 'kl': 5.0}, {'step': 20, 'kl': 4.0},
+           {'step': 20, 'kl': 3.0}, {'step': 30, 'kl': 2.0, 'eval/quality': 0.5}]
+  path.write_text('\n'.join(json.dumps(l) for l in lines) + '\n')
+  rows = convergence.read_metrics(str(path))
+  assert [(r['step'], r['kl']) for r in rows] == [(10, 5.0), (20, 3.0), (30, 2.0)]
+  assert convergence.read_metrics(str(tmp_path / 'absent.jsonl')) == []

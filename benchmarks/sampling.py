@@ -14,8 +14,10 @@ Measures, for each model size and batch:
   naive (the naive buffer is N long, so its per-token cost grows with N; the
   KV-cached step attends over a fixed-size cache, so its cost should be flat).
 
-Tokens/s counts generated tokens of the B output sequences (B * N per call);
-the CFG teacher's unconditional rows are not output and are not counted.
+Tokens/s counts the real generated tokens of the B output sequences (events
+and EOS, not the PAD after a row's EOS; the samplers stop decoding once every
+row is done); the CFG teacher's unconditional rows are not output and are not
+counted.
 Compilation is excluded (one warm-up call per program), every call is ended
 with `block_until_ready`, timed calls of the programs being compared go
 round-robin (so load changes on a shared machine hit them alike), and the
@@ -216,13 +218,18 @@ def bench_throughput(size: str, batch: int, seq_len: int, repeats: int, gamma: f
     naive = NaiveSampler(cfg, n, steps, mesh, rules)
     fns['naive'] = lambda: naive.sample(params, prompt, key)
   times = time_interleaved(fns, repeats)
+  # Real tokens (events and EOS, not the PAD after it) of each sampler's rows; the naive sampler
+  # draws the student's tokens.
+  real = {name: int((np.asarray(fns[name]()[0]) != specials.PAD).sum())
+          for name in ('student', 'cfg')}
   for name, t in times.items():
     if name == 'naive':
       t['steps_timed'] = steps
       t['full_run_s'] = t['median_s'] * n / steps  # every naive step costs the same
     else:
       t['full_run_s'] = t['median_s']
-    t['tokens_per_s'] = batch * n / t['full_run_s']
+    t['real_tokens'] = real.get(name, real['student'])
+    t['tokens_per_s'] = t['real_tokens'] / t['full_run_s']
     t['ms_per_step'] = 1e3 * t['full_run_s'] / n  # one step emits one token for each of B rows
     out[name] = t
   out['ratio_student_over_cfg'] = out['student']['tokens_per_s'] / out['cfg']['tokens_per_s']

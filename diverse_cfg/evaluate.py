@@ -13,7 +13,8 @@ fraction), the model-free
 fidelity to the data (unseen 2-/3-grams against the training split, the gap
 and Wasserstein-1 distance between generated and held-out lengths), the share
 of well-formed generations (melodies) and of generations that ended with EOS,
-forward passes per token and measured tokens/s. CFG rows guide with
+forward passes per token and measured tokens/s (real tokens: events and EOS,
+not the PAD after it). CFG rows guide with
 guidance.plausibility; every system samples under the data's length bounds.
 Every figure has a bootstrap interval over prompts (evaluate.level); the
 paper's four claims are decided from paired draws (claims.py). Written to
@@ -215,7 +216,7 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
     rows.append({'system': s.name, 'family': s.family, 'setting': s.setting,
                  'plausibility': float(s.guidance.plausibility) if s.guided else 0.0,
                  'passes_per_token': s.passes_per_token,
-                 'tokens_per_sec': tokens.size / seconds,
+                 'tokens_per_sec': float((tokens != specials.PAD).sum()) / seconds,  # real
                  **with_intervals(figures[s.name], idx_RxP, e.level)})
     if jax.process_index() == 0:  # every process has the same row
       print(f"{s.name:>22}: " + ', '.join(

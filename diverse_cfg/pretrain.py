@@ -40,7 +40,8 @@ def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int):
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
     return state, {'loss': loss, 'perplexity': jnp.exp(loss), 'grad_norm': grad_norm,
-                   'lr': schedule(step), **flags}
+                   'lr': schedule(step), 'real_tokens': training.real_tokens(batch['tokens']),
+                   **flags}
 
   return train_step
 

@@ -173,13 +173,17 @@ def uniforms(key, num_new_tokens: int, batch: int):
 
 
 def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, params, prompt_BxC,
-             key, guidance: Guidance, temperature, top_k, bounds: LengthBounds):
+             key, guidance: Guidance, temperature, top_k, bounds: LengthBounds,
+             early_exit: bool = True):
   """Samples num_new_tokens after BOS. Returns (tokens [B,N], log-probs [B,N]).
 
   Rows finish at EOS; after it they hold PAD with log-prob 0. With guided=True
   the batch is [cond; uncond] (uncond = learned null prompt), 2B rows through
   one forward with one cache each, and both get the same sampled token.
   guidance is ignored when guided=False; the length bounds always apply.
+  early_exit (static): decoding stops at the step where every row is done
+  (EOS, or the length bounds' maximum), with the same tokens and log-probs as
+  running all num_new_tokens steps (False: a fixed-length scan).
   """
   cfg, params = model_lib.decode_params(cfg, params)
   batch = prompt_BxC.shape[0]
@@ -204,19 +208,39 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   u_NxB = uniforms(key, num_new_tokens, batch)
   tok0, lp0, done = draw(u_NxB[0], dist(logits_RxV, 0), jnp.zeros(batch, bool))
 
-  def body(carry, xs):
-    t, u_B = xs
-    tok_B, cache, done_B = carry
+  def decode(t, tok_B, cache, done_B):  # feeds token t - 1, draws token t
     pos = cfg.prompt_len + t  # position of the token being fed (BOS sits at prompt_len)
     logits_RxV, cache = model_lib.step(cfg, params, feed(tok_B), cache, pos)
-    tok_B, lp_B, done_B = draw(u_B, dist(logits_RxV, t), done_B)
-    return (tok_B, cache, done_B), (tok_B, lp_B)
+    tok_B, lp_B, done_B = draw(u_NxB[t], dist(logits_RxV, t), done_B)
+    return tok_B, lp_B, cache, done_B
 
-  _, (toks_NxB, lps_NxB) = jax.lax.scan(body, (tok0, cache, done),
-                                        (jnp.arange(1, num_new_tokens), u_NxB[1:]))
-  tokens_BxN = jnp.concatenate([tok0[:, None], toks_NxB.T], axis=1)
-  logprobs_BxN = jnp.concatenate([lp0[:, None], lps_NxB.T], axis=1)
-  return tokens_BxN, logprobs_BxN
+  if not early_exit:
+    def scan_body(carry, t):
+      tok_B, lp_B, cache, done_B = decode(t, *carry)
+      return (tok_B, cache, done_B), (tok_B, lp_B)
+
+    _, (toks_NxB, lps_NxB) = jax.lax.scan(scan_body, (tok0, cache, done),
+                                          jnp.arange(1, num_new_tokens))
+    return (jnp.concatenate([tok0[:, None], toks_NxB.T], axis=1),
+            jnp.concatenate([lp0[:, None], lps_NxB.T], axis=1))
+
+  # Preset to what a finished row holds (PAD, log-prob 0): the steps never run leave them so.
+  toks_BxN = jnp.full((batch, num_new_tokens), specials.PAD, jnp.int32).at[:, 0].set(tok0)
+  lps_BxN = jnp.zeros((batch, num_new_tokens), lp0.dtype).at[:, 0].set(lp0)
+
+  def running(carry):
+    t, _, _, done_B, _, _ = carry
+    return (t < num_new_tokens) & ~jnp.all(done_B)
+
+  def while_body(carry):
+    t, tok_B, cache, done_B, toks_BxN, lps_BxN = carry
+    tok_B, lp_B, cache, done_B = decode(t, tok_B, cache, done_B)
+    return (t + 1, tok_B, cache, done_B, toks_BxN.at[:, t].set(tok_B),
+            lps_BxN.at[:, t].set(lp_B))
+
+  carry = jax.lax.while_loop(running, while_body,
+                             (jnp.int32(1), tok0, cache, done, toks_BxN, lps_BxN))
+  return carry[4], carry[5]
 
 
 def score(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, guidance: Guidance,

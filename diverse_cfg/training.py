@@ -32,6 +32,7 @@ import tqdm
 
 from diverse_cfg import checkpoints
 from diverse_cfg import sharding as sharding_lib
+from diverse_cfg import specials
 
 
 log = logging.getLogger('diverse_cfg')
@@ -141,7 +142,9 @@ class Task:
   name: str
   # key -> boxed state {'params', 'opt_state'} (logical names drive the shardings).
   init_state: Callable[[jax.Array], dict]
-  # (state, batch, step[, frozen]) -> (state, metrics); metrics are scalars.
+  # (state, batch, step[, frozen]) -> (state, metrics); metrics are scalars. A 'real_tokens'
+  # metric (the step's non-PAD tokens, see real_tokens) makes the log's tokens_per_sec count
+  # those; tokens_per_step (rows x row length) gives padded_tokens_per_sec and the MFU.
   train_step: Callable[..., tuple[dict, dict]]
   batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
   batch_shardings: Any = None
@@ -215,8 +218,10 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
     row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
            if not k.startswith('finite/')}
     row['steps_per_sec'] = window_steps / elapsed
-    if task.tokens_per_step:
-      row['tokens_per_sec'] = task.tokens_per_step * window_steps / elapsed
+    if 'real_tokens' in row:  # tokens_per_sec counts real (non-PAD) tokens only
+      row['tokens_per_sec'] = float(sum(m['real_tokens'] for m in fetched)) / elapsed
+    if task.tokens_per_step:  # rows x row length: PAD included, labelled so
+      row['padded_tokens_per_sec'] = task.tokens_per_step * window_steps / elapsed
     if task.flops_per_step:
       row['mfu'] = task.flops_per_step * window_steps / elapsed / (t.peak_flops * num_devices)
     last = pending[-1][0]
@@ -263,6 +268,11 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT) -> tuple[jax.Array, jax.A
   nll = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
   count = jnp.sum(mask_BxT)
   return jnp.sum(nll * mask_BxT) / jnp.maximum(count, 1.0), count
+
+
+def real_tokens(tokens_BxT: jax.Array) -> jax.Array:
+  """The non-PAD tokens of a batch (events and EOS): what tokens/s figures count."""
+  return jnp.sum(tokens_BxT != specials.PAD).astype(jnp.float32)
 
 
 def decoder_flops_per_token(cfg, training: bool) -> float:

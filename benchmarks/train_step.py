@@ -226,12 +226,16 @@ def bench(size: str, repeats: int, fsdp_devices: int | None, memory_only: bool,
   parts = {}
   with sharding.activate(mesh, rules):
     if 'rollout' in parts_wanted:
-      def time_rollout(name):  # a fresh jit, traced inside timed()
-        rollout = jax.jit(functools.partial(sampling.generate, cfg, cfg.seq_len, False))
+      def time_rollout(name, early_exit=True):  # a fresh jit, traced inside timed()
+        rollout = jax.jit(functools.partial(sampling.generate, cfg, cfg.seq_len, False,
+                                            early_exit=early_exit))
         return timed(lambda: rollout(params, ft_prompt, jax.random.key(0), sampling.Guidance(),
                                      1.0, 0, sampling.LengthBounds()),
                      repeats=repeats, name=name)
       parts['rollout'] = (time_rollout('rollout'), 1)
+      # A/B: the fixed-length scan (random weights rarely end a row, so both run ~all steps:
+      # this isolates the while-loop's own cost).
+      parts['rollout_fixed_scan'] = (time_rollout('rollout_fixed_scan', early_exit=False), 1)
       if cfg.dtype != 'float32':
         # A/B: the decode loop as it was before model.decode_params cast the matrices once.
         with mock.patch.object(model_lib, 'decode_params', lambda c, p: (c, p)):

@@ -123,6 +123,13 @@ def fidelity_reference(exp: experiment_lib.Experiment):
                                                 tokens(stage.heldout_split(exp.sources)))
 
 
+def test_prompts(exp: experiment_lib.Experiment) -> np.ndarray:
+  """The evaluation's prompts: the first evaluate.num_prompts of the test split (else validation)."""
+  src = exp.sources.get('test') or exp.sources['validation']
+  n = min(exp.config.evaluate.num_prompts, len(src))
+  return np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
+
+
 def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:
   """(tokens [P, K, T], seconds) for sample_fn(prompt_BxC, key) -> (tokens, logprobs)."""
   rows = jnp.asarray(repeat_prompts(prompts_PxC, k))
@@ -181,9 +188,7 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
   e = exp.config.evaluate
   out_dir = os.path.join(workdir, 'evaluate')
   os.makedirs(out_dir, exist_ok=True)
-  src = exp.sources.get('test') or exp.sources['validation']
-  n = min(e.num_prompts, len(src))
-  prompts_PxC = np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
+  prompts_PxC = test_prompts(exp)
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
   key = jax.random.key(exp.config.seed + 1234)  # the same key for every system
   well_formed = None

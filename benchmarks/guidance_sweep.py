@@ -62,7 +62,7 @@ def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> lis
           base, p, k, gamma=g, plausibility=a, temperature=e.temperature,
           bounds=bounds)
       start = time.perf_counter()
-      tokens, _ = evaluate.sample_k(fn, prompts_PxC, e.k, key, e.chunk_prompts)
+      tokens, _ = evaluate.sample_k(fn, prompts_PxC, e.k, key)
       metrics = evaluate.score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram,
                                        reference=reference)
       rows.append({'dataset': exp.meta.name, 'gamma': gamma, 'plausibility': alpha,

@@ -107,7 +107,6 @@ def base_config() -> ml_collections.ConfigDict:
   e.lambdas = (0.0, 0.25, 0.5, 0.75, 1.0)  # LERP merges of the beta-min and beta-max students
   e.num_prompts = 64  # held-out (test split) prompts
   e.k = 4  # generations per prompt
-  e.chunk_prompts = 0  # prompts per sampler call (0: all at once); same keys for every system
   e.temperature = 1.0
   e.render_prompts = 3  # prompts whose samples are shown in the report
   # How samples are shown (diverse_cfg/renderers.py): auto | melody | tokens | pkg.module:function
@@ -258,7 +257,6 @@ def validate_evaluate(e: ml_collections.ConfigDict) -> None:
            tuple(e.lambdas))
   _require(e.num_prompts > 0, 'evaluate.num_prompts', 'must be positive', e.num_prompts)
   _require(e.k >= 2, 'evaluate.k', 'diversity needs >= 2 generations per prompt', e.k)
-  _require(e.chunk_prompts >= 0, 'evaluate.chunk_prompts', 'must be >= 0', e.chunk_prompts)
   _require(e.temperature > 0, 'evaluate.temperature', 'must be > 0', e.temperature)
   _require(e.ngram >= 1, 'evaluate.ngram', 'must be >= 1', e.ngram)
   _require(e.renderer in ('auto', 'melody', 'tokens') or ':' in e.renderer, 'evaluate.renderer',
@@ -375,8 +373,5 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,
     validate_batch(cfg.finetune.batch_size, 'finetune.batch_size', cfg.mesh, num_devices)
     validate_batch(cfg.finetune.eval_prompts * cfg.finetune.eval_k, 'finetune.eval_prompts',
                    cfg.mesh, num_devices)
-    e = cfg.evaluate
-    if e.chunk_prompts:
-      validate_batch(e.chunk_prompts * e.k, 'evaluate.chunk_prompts', cfg.mesh, num_devices)
-    else:
-      validate_batch(e.num_prompts * e.k, 'evaluate.num_prompts', cfg.mesh, num_devices)
+    validate_batch(cfg.evaluate.num_prompts * cfg.evaluate.k, 'evaluate.num_prompts', cfg.mesh,
+                   num_devices)

@@ -130,26 +130,14 @@ def test_prompts(exp: experiment_lib.Experiment) -> np.ndarray:
   return np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
 
 
-def sample_k(sample_fn, prompts_PxC, k: int, key, chunk_prompts: int = 0
-             ) -> tuple[np.ndarray, float]:
-  """(tokens [P, K, T], seconds) for sample_fn(prompt_BxC, key) -> (tokens, logprobs).
-
-  chunk_prompts > 0: the prompts go chunk_prompts at a time (chunk i with key
-  fold_in(key, i); the last chunk padded by repeating its last prompt, so one
-  shape compiles). Smaller decode batches can be faster per token where the KV
-  cache outgrows the CPU's caches, and a chunk stops at its own longest row.
-  """
-  p = len(prompts_PxC)
-  chunk = p if chunk_prompts <= 0 else min(chunk_prompts, p)
+def sample_k(sample_fn, prompts_PxC, k: int, key) -> tuple[np.ndarray, float]:
+  """(tokens [P, K, T], seconds) for sample_fn(prompt_BxC, key) -> (tokens, logprobs)."""
+  rows = jnp.asarray(repeat_prompts(prompts_PxC, k))
   start = time.perf_counter()
-  out = []
-  for i, s in enumerate(range(0, p, chunk)):
-    idx = np.minimum(np.arange(s, s + chunk), p - 1)
-    rows = jnp.asarray(repeat_prompts(np.asarray(prompts_PxC)[idx], k))
-    tokens, _ = sample_fn(rows, key if chunk == p else jax.random.fold_in(key, i))
-    # to_host all-gathers when the rows span several processes
-    out.append(sharding_lib.to_host(tokens).reshape(chunk, k, -1)[:min(chunk, p - s)])
-  return np.concatenate(out), time.perf_counter() - start
+  tokens, _ = sample_fn(rows, key)
+  tokens = sharding_lib.to_host(tokens)  # all-gathers when the rows span several processes
+  seconds = time.perf_counter() - start
+  return tokens.reshape(len(prompts_PxC), k, -1), seconds
 
 
 def measure_system(sample_fn, prompts_PxC, k, embedder, quality_model, key,
@@ -222,11 +210,11 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
   systems = build_systems(exp, workdir)
   # Compile both samplers once, so the timings below measure sampling only.
   for s in (systems[0], systems[1]):
-    sample_k(sample_fn(s), prompts_PxC, e.k, key, e.chunk_prompts)
+    sample_k(sample_fn(s), prompts_PxC, e.k, key)
   idx_RxP = bootstrap.resample(len(prompts_PxC), e.bootstrap_resamples, exp.config.seed)
   rows, samples, figures = [], {}, {}
   for s in systems:
-    tokens, seconds = sample_k(sample_fn(s), prompts_PxC, e.k, key, e.chunk_prompts)
+    tokens, seconds = sample_k(sample_fn(s), prompts_PxC, e.k, key)
     samples[s.name] = tokens
     figures[s.name] = score_figures(tokens, prompts_PxC, embedder, quality_model, e.ngram,
                                     well_formed, reference)

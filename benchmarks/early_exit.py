@@ -40,7 +40,7 @@ def run(config, workdir: str, repeats: int) -> list[dict]:
   exp = experiment_lib.prepare(config)
   cfg, e = exp.model_cfg, exp.config.evaluate
   params, _ = finetune.restore_model_params(finetune.base_dir(workdir), cfg, exp.mesh, exp.rules)
-  prompt_BxC = jnp.asarray(evaluate.repeat_prompts(evaluate.test_prompts(exp), e.k))
+  prompt_BxC = jnp.asarray(evaluate.repeat_prompts(evaluate.evaluation_prompts(exp), e.k))
   key = jax.random.key(exp.config.seed + 1234)
   bounds = sampling.as_traced(exp.length_bounds)
   out = []

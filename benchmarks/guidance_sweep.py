@@ -50,7 +50,7 @@ def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> lis
   quality_model = evaluators.load_quality_model(os.path.join(workdir, 'classifier'))
   base, _ = finetune.restore_model_params(finetune.base_dir(workdir), exp.model_cfg, exp.mesh,
                                           exp.rules)
-  prompts_PxC = evaluate.test_prompts(exp)
+  prompts_PxC = evaluate.evaluation_prompts(exp)
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
   reference = evaluate.fidelity_reference(exp)
   key = jax.random.key(exp.config.seed + 1234)  # the evaluation's key

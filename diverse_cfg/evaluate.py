@@ -123,7 +123,7 @@ def fidelity_reference(exp: experiment_lib.Experiment):
                                                 tokens(stage.heldout_split(exp.sources)))
 
 
-def test_prompts(exp: experiment_lib.Experiment) -> np.ndarray:
+def evaluation_prompts(exp: experiment_lib.Experiment) -> np.ndarray:
   """The evaluation's prompts: the first evaluate.num_prompts of the test split (else validation)."""
   src = exp.sources.get('test') or exp.sources['validation']
   n = min(exp.config.evaluate.num_prompts, len(src))
@@ -188,7 +188,7 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
   e = exp.config.evaluate
   out_dir = os.path.join(workdir, 'evaluate')
   os.makedirs(out_dir, exist_ok=True)
-  prompts_PxC = test_prompts(exp)
+  prompts_PxC = evaluation_prompts(exp)
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
   key = jax.random.key(exp.config.seed + 1234)  # the same key for every system
   well_formed = None

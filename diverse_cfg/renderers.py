@@ -6,6 +6,7 @@ them. The report plays '.wav', shows '.png' and links everything else.
 
     auto     melody for melody datasets, tokens otherwise
     melody   MIDI and WAV of generation 0, a piano roll of generations 0 and 1
+             (evaluate's report; `sample` renders each generation alone)
     tokens   a picture of the token rows (any dataset): one row per generation,
              one colour per token id, EOS black, PAD blank
     pkg.module:function   a user's own renderer with the signature above

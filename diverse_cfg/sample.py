@@ -23,7 +23,8 @@ Writes to --out_dir (default: <checkpoint stage dir>/samples), from process 0:
   samples.json   settings, and per sample its readable prompt, tokens (up to
                  and including EOS), log-probability, length, and file names
   tokens.npy     int32 [prompts, num_samples, seq_len] (PAD after EOS)
-  p<i>_s<j>.mid / .wav / .png   MIDI, audio and piano roll (melody datasets)
+  p<i>_s<j>.*    each sample through evaluate.renderer: MIDI, audio and piano roll
+                 for melodies, a picture of the tokens otherwise
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import merge as merge_lib
 from diverse_cfg import model as model_lib
+from diverse_cfg import renderers
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
@@ -124,6 +126,11 @@ class Model:
   @property
   def length_bounds(self) -> sampling.LengthBounds:
     return sampling.data_length_bounds(self.meta.fixed_length)
+
+  @property
+  def renderer(self) -> str:
+    """How the checkpoint's run shows samples (evaluate.renderer; 'auto' if it predates it)."""
+    return str(self.config.get('evaluate', {}).get('renderer', 'auto'))
 
   @functools.cached_property
   def sampler(self) -> sampling.Sampler:  # one per model: its jitted samplers compile once
@@ -232,29 +239,26 @@ def generate(model: Model, prompts_PxC: np.ndarray, num_samples: int, *, gamma: 
 
 
 def write_outputs(meta, prompts_PxC, tokens_PxKxT, logprobs_PxKxT, out_dir: str,
-                  settings: dict[str, Any]) -> str:
-  """samples.json, tokens.npy and, for melodies, MIDI/WAV/PNG per sample; returns the json path."""
+                  settings: dict[str, Any], renderer: str = 'auto') -> str:
+  """samples.json, tokens.npy and each sample's files through the renderer (renderers.py:
+  MIDI/WAV/piano roll for melodies, a picture of the tokens otherwise); returns the json path."""
+  render = renderers.resolve(renderer, meta)
   os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, 'tokens.npy'), np.asarray(tokens_PxKxT, np.int32))
   entries = []
   for p, prompt_C in enumerate(prompts_PxC):
     readable = meta.decode_prompt(prompt_C)
-    title = ', '.join(f'{k}={v}' for k, v in readable.items())
     for k, row_T in enumerate(tokens_PxKxT[p]):
       length = int(np.sum(row_T != specials.PAD))  # events + EOS; PAD only after EOS
       entry = {'prompt': readable, 'prompt_ids': prompt_C.tolist(), 'sample': k,
                'tokens': row_T[:length].tolist(), 'num_tokens': length,
                'ended_with_eos': bool(np.any(row_T == specials.EOS)),
                'log_prob': float(np.sum(logprobs_PxKxT[p, k]))}
+      files = render(np.asarray(row_T)[None], meta, os.path.join(out_dir, f'p{p}_s{k}'))
+      entry['files'] = {ext: os.path.relpath(path, out_dir) for ext, path in files.items()}
       if meta.is_melody:
         from diverse_cfg.data import melody  # pylint: disable=g-import-not-at-top
-        stem = f'p{p}_s{k}'
-        melody.write_midi(row_T, os.path.join(out_dir, stem + '.mid'))
-        melody.write_wav(row_T, os.path.join(out_dir, stem + '.wav'))
-        melody.piano_roll_png([row_T], os.path.join(out_dir, stem + '.png'),
-                              titles=[f'{title}, sample {k}'])
         entry['well_formed'] = melody.is_well_formed(row_T)
-        entry['files'] = {ext: f'{stem}.{ext}' for ext in ('mid', 'wav', 'png')}
       entries.append(entry)
   path = os.path.join(out_dir, 'samples.json')
   with open(path, 'w') as f:
@@ -301,7 +305,8 @@ def run(checkpoint: str, prompts: Sequence[str], *, num_samples: int = 4, gamma:
               'max_length': None if bounds.max >= sampling.NO_MAX_LENGTH else int(bounds.max),
               'seed': seed, 'num_samples': num_samples}
   if jax.process_index() == 0:
-    path = write_outputs(model.meta, prompts_PxC, tokens, logprobs, out_dir, settings)
+    path = write_outputs(model.meta, prompts_PxC, tokens, logprobs, out_dir, settings,
+                         model.renderer)
     log.info('%d samples for %d prompt(s) written to %s', tokens.shape[0] * tokens.shape[1],
              len(prompts_PxC), path)
   return {'out_dir': out_dir, 'tokens': tokens, 'logprobs': logprobs, 'prompts': prompts_PxC,

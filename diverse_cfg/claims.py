@@ -73,6 +73,8 @@ def decide(rows: list[dict], figures: dict[str, dict[str, bootstrap.Figure]],
     return {'claim': claim, 'statement': CLAIMS[claim], 'verdict': 'undecided',
             'evidence': {'missing': why}}
 
+  if any('quality' not in figs for figs in figures.values()):
+    return [undecided(c, 'needs a quality model (the classifier stage)') for c in CLAIMS]
   out = []
   # 1. CFG vs the base model.
   if not by_family['base'] or not teacher:

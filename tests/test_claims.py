@@ -145,6 +145,9 @@ def test_claims_evidence_names_the_dominated_cfg_points_and_missing_systems():
   missing = {c['claim']: c for c in claims.decide(rows, figures, idx, teacher_gamma=5.0)}
   assert missing[1]['verdict'] == missing[2]['verdict'] == 'undecided'
   assert 'teacher gamma 5' in missing[1]['evidence']['missing']
+  without_quality = {n: {m: f for m, f in figs.items() if m != 'quality'}
+                     for n, figs in figures.items()}
+  assert {c['verdict'] for c in claims.decide(rows, without_quality, idx, 3.0)} == {'undecided'}
   lines = claims.headline(list(verdict.values()))
   assert lines[0].startswith('claim 1 (CFG raises quality and lowers diversity): HOLDS')
 

@@ -35,6 +35,10 @@ Measures (metrics.py):
         (with the tokens: exactly 0 between identical sequences)
     quality(quality_model, tokens_BxT, prompt_BxC) -> (mean [B], per attribute [B, A])
     shared_ngram_fraction(tokens_PxKxT, n=4) -> float, model-free (1 = copies)
+    metrics.diversity_per_prompt / prefix_diversity_per_prompt (length-matched pairs) /
+        shared_ngram_fraction_per_prompt -> [P], and metrics.fidelity_figures: the
+        per-prompt forms the evaluation bootstraps (bootstrap.py: Figure, resample,
+        interval, hypervolume)
     fidelity(rows, FidelityReference.from_rows(train_rows, heldout_rows))
         -> {'unseen_2gram', 'unseen_3gram', 'length_gap', 'length_w1', 'length_off_grid'},
         model-free

@@ -60,7 +60,11 @@ def describe(name: str, verdict: dict) -> str:
           f'{lo}-{hi}, mean {verdict["mean"]:.4g}; criterion: {verdict["criterion"]})')
 
 
-def check(run_dir: str, f) -> dict:
-  """plateau of the KL in run_dir/metrics.jsonl with the finetune section's window and tol."""
-  return plateau(read_metrics(os.path.join(run_dir, 'metrics.jsonl')), 'kl', f.plateau_window,
-                 f.plateau_tol)
+def run_metrics(run_dir: str) -> list[dict]:
+  """read_metrics of a stage directory's metrics.jsonl."""
+  return read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+
+
+def check(rows: list[dict], f) -> dict:
+  """plateau of the KL in a run's logged rows with the finetune section's window and tol."""
+  return plateau(rows, 'kl', f.plateau_window, f.plateau_tol)

@@ -238,10 +238,12 @@ def run(config, workdir: str, embedder, quality_model, devices=None) -> list[dic
     plot_front(rows, os.path.join(out_dir, 'front.png'))
     rendered = render_samples(exp.meta, samples, prompts_PxC, e.render_prompts, out_dir,
                               e.renderer)
-    betas = sorted(float(b) for b in exp.config.finetune.betas)
-    curves = plot_curves(workdir, betas, os.path.join(out_dir, 'curves.png'))
-    converged = [convergence.describe(f'student beta={b:g}', convergence.check(
-        finetune.student_dir(workdir, b), exp.config.finetune)) for b in betas]
+    runs = {b: convergence.run_metrics(finetune.student_dir(workdir, b))
+            for b in sorted(float(b) for b in exp.config.finetune.betas)}
+    curves = plot_curves(runs, os.path.join(out_dir, 'curves.png'))
+    converged = [convergence.describe(f'student beta={b:g}',
+                                      convergence.check(rows_b, exp.config.finetune))
+                 for b, rows_b in runs.items()]
     write_report(rows, rendered, exp.meta, prompts_PxC, out_dir, claims,
                  curves and os.path.basename(curves), converged, exp.config)
   return rows
@@ -316,10 +318,8 @@ def render_samples(meta, samples: dict[str, np.ndarray], prompts_PxC, num_prompt
 CURVES = ('kl', 'reward/diversity', 'entropy', 'length')
 
 
-def plot_curves(workdir: str, betas, path: str) -> str | None:
-  """Each student's training curves (CURVES, per logged step) from its metrics.jsonl."""
-  runs = {b: convergence.read_metrics(os.path.join(finetune.student_dir(workdir, float(b)),
-                                                   'metrics.jsonl')) for b in betas}
+def plot_curves(runs: dict[float, list[dict]], path: str) -> str | None:
+  """Each student's training curves (CURVES, per logged step): {beta: its metrics.jsonl rows}."""
   runs = {b: r for b, r in runs.items() if r}
   if not runs:
     return None

@@ -100,7 +100,7 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
     return state, {
         'loss': loss, 'kl': jnp.mean(kl_B), 'kl_per_token': jnp.sum(kl_B) / jnp.sum(mask_BxT),
-        'real_tokens': jnp.sum(mask_BxT),
+        'real_tokens': training.real_tokens(tokens_BxT),
         'entropy': ent, 'reward/diversity': jnp.mean(objectives.mean_reward_per_sample(r_PxKxK)),
         'advantage/mean': jnp.mean(adv_PxK), 'advantage/std': jnp.std(adv_PxK),
         'advantage/abs_mean': jnp.mean(jnp.abs(adv_PxK)), 'length': jnp.mean(jnp.sum(mask_BxT, -1)),
@@ -183,7 +183,7 @@ def run(config, workdir: str, embedder, quality_model=None, devices=None, progre
 
 def report_convergence(out_dir: str, name: str, f) -> dict:
   """Whether the student's KL has plateaued: printed and written to out_dir/convergence.json."""
-  verdict = convergence.check(out_dir, f)
+  verdict = convergence.check(convergence.run_metrics(out_dir), f)
   if jax.process_index() == 0:
     print(convergence.describe(name, verdict))
     with open(os.path.join(out_dir, 'convergence.json'), 'w') as fh:

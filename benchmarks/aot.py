@@ -63,6 +63,7 @@ from diverse_cfg import config_lib
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import model as model_lib
+from diverse_cfg import packing
 from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
@@ -195,7 +196,8 @@ def pretrain_program(exp) -> Program:
   batch_s, repl = sharding.batch_sharding(exp.mesh, 2), sharding.replicated(exp.mesh)
   batch = {'tokens': _abstract((t.batch_size, cfg.seq_len), jnp.int32, batch_s),
            'prompt': _abstract((t.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
-  fn = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, exp.config.seed),
+  pack = packing.layout(t.batch_size, sharding.batch_shards(exp.mesh), t.packed_rows)
+  fn = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, exp.config.seed, pack),
                in_shardings=(shardings, batch_s, repl), out_shardings=(shardings, repl),
                donate_argnums=0)
   tokens = t.batch_size * cfg.seq_len
@@ -217,13 +219,15 @@ def finetune_program(exp) -> Program:
   emb_params = nn.meta.unbox(emb_params)
   frozen = {'teacher': state['params'], 'embedder': emb_params}
   frozen_s = {'teacher': shardings['params'], 'embedder': jax.tree.map(lambda _: repl, emb_params)}
+  rows = f.batch_size * f.k
   step = finetune.finetune_step_fn(cfg, f, tx, schedule, float(max(f.betas)), exp.config.seed,
                                    embedder_lib.make_embedder(net, None).apply,
-                                   finetune.teacher_guidance(exp.config), exp.length_bounds)
+                                   finetune.teacher_guidance(exp.config), exp.length_bounds,
+                                   packing.layout(rows, sharding.batch_shards(exp.mesh),
+                                                  f.packed_rows))
   fn = jax.jit(step, in_shardings=(shardings, batch_s, repl, frozen_s),
                out_shardings=(shardings, repl), donate_argnums=0)
   batch = {'prompt': _abstract((f.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
-  rows = f.batch_size * f.k
   return Program(fn, (state, batch, _abstract((), jnp.int32, repl), frozen),
                  finetune.finetune_flops(cfg, rows), decode_steps=cfg.seq_len)
 
@@ -599,7 +603,7 @@ def fit_search(config, topology: str, fit: str, programs=('pretrain',), log=prin
   """
   devices = topology_devices(topology)
   exp0 = prepare(config, devices)
-  shards = exp0.mesh.shape['data'] * exp0.mesh.shape['fsdp']
+  shards = sharding.batch_shards(exp0.mesh)
   unit = {'width': 256, 'depth': 1, 'batch': shards}[fit]
   start = {'width': exp0.model_cfg.d_model, 'depth': exp0.model_cfg.num_layers,
            'batch': exp0.config.train.batch_size}[fit] // unit

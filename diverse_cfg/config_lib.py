@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = _loop_section(batch_size=32, num_steps=2000, lr=1e-3, warmup_steps=100,
                           min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, log_every=20,
                           eval_every=200, eval_batches=8, ckpt_every=200, keep=3)
+  # Train in packed rows (diverse_cfg/packing.py) this fraction of the batch's rows, several
+  # sequences per row, whenever the batch's sequences fit them (else in its own rows): the
+  # same loss and gradients, compute on real tokens. 0 = never pack.
+  c.train.packed_rows = 0.5
 
   # CFG distillation + diversity reward. batch_size = prompts per step (P); each step samples
   # P * k sequences. eval_batches is unused (the evaluation uses eval_prompts).
@@ -83,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
                                  min_lr_ratio=1.0, weight_decay=0.0, b1=0.9, b2=0.99,
                                  log_every=10, eval_every=100, eval_batches=0, ckpt_every=100,
                                  keep=2)
+  f.packed_rows = 0.5  # the rollouts' scoring and update, as train.packed_rows
   f.betas = (0.0, 8.0)  # one student per beta: beta = 0 (quality) and beta > 0 (diversity)
   f.teacher_gamma = 3.0  # the frozen base model with CFG at this strength is the teacher
   f.kl = 'student_teacher'  # KL(student || teacher) (paper) | 'teacher_student'
@@ -227,6 +232,9 @@ def validate_train(t: ml_collections.ConfigDict, section: str = 'train') -> None
   _require(0 <= t.min_lr_ratio <= 1, f'{section}.min_lr_ratio', 'must be in [0, 1]', t.min_lr_ratio)
   _require(t.grad_clip > 0, f'{section}.grad_clip', 'must be positive', t.grad_clip)
   _require(t.eval_batches >= 0, f'{section}.eval_batches', 'must be >= 0', t.eval_batches)
+  if 'packed_rows' in t:
+    _require(0 <= t.packed_rows <= 1, f'{section}.packed_rows',
+             'must be in [0, 1] (a fraction of the batch\'s rows; 0 = never pack)', t.packed_rows)
 
 
 def validate_finetune(f: ml_collections.ConfigDict) -> None:

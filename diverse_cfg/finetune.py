@@ -30,6 +30,7 @@ from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import model as model_lib
 from diverse_cfg import objectives
+from diverse_cfg import packing
 from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
@@ -58,15 +59,37 @@ def restore_model_params(ckpt_dir: str, cfg: model_lib.ModelConfig, mesh, rules)
 
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
                      embed_apply, guidance: sampling.Guidance,
-                     bounds: sampling.LengthBounds = sampling.LengthBounds()):
+                     bounds: sampling.LengthBounds = sampling.LengthBounds(),
+                     pack: packing.Layout | None = None):
   """The pure step: (state, batch, step, frozen) -> (state, metrics).
 
   guidance is the teacher's (gamma, plausibility); bounds the dataset's
   length bounds, applied to the rollout, the teacher and the student alike.
+  pack: the teacher's scoring and the student's pass run over the rollouts in
+  packed rows whenever they fit them (metric `packed`), else over their own rows.
   """
-  kl_fn = objectives.distillation_kl(f.kl)
   k = f.k
   guidance, bounds = sampling.as_traced(guidance), sampling.as_traced(bounds)
+
+  def position_terms(logp_xV, teacher_xV, targets_x):
+    """Per position: the KL to the teacher, the target's log-prob, the entropy."""
+    return (objectives.kl_per_position(f.kl, logp_xV, teacher_xV),
+            jnp.take_along_axis(logp_xV, targets_x[..., None], -1)[..., 0],
+            objectives.entropy_per_position(logp_xV))
+
+  def terms_in_own_rows(params, frozen, tokens_BxT, prompt_BxC):
+    teacher_BxTxV = sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, guidance,
+                                   bounds)['cfg']
+    logits = model_lib.forward(cfg, params, tokens_BxT, prompt_BxC,
+                               jnp.zeros(tokens_BxT.shape[:1], bool))
+    return position_terms(sampling.bounded_log_probs(logits, bounds), teacher_BxTxV, tokens_BxT)
+
+  def terms_in_packed_rows(params, frozen, packed, plan):
+    teacher_RxWxV = sampling.score_packed(cfg, frozen['teacher'], packed, guidance, bounds)['cfg']
+    logits = model_lib.forward_packed(cfg, params, packed)
+    logp_RxWxV = sampling.bounded_log_probs(logits, bounds, packed.positions - cfg.prompt_len)
+    return tuple(pack.unpack(x_RxW, plan, cfg.prompt_len, cfg.seq_len)
+                 for x_RxW in position_terms(logp_RxWxV, teacher_RxWxV, packed.targets))
 
   def train_step(state, batch, step, frozen):
     prompt_PxC = batch['prompt']
@@ -76,25 +99,31 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     tokens_BxT, _ = sampling.generate(cfg, cfg.seq_len, False, state['params'], prompt_BxC, key,
                                       sampling.Guidance(), f.temperature, jnp.int32(0), bounds)
     mask_BxT = sampling.token_mask(tokens_BxT)
-    teacher_BxTxV = jax.lax.stop_gradient(
-        sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, guidance, bounds)['cfg'])
     emb_BxD = embed_apply(frozen['embedder'], tokens_BxT)
     r_PxKxK = evaluators.pairwise_dissimilarity(emb_BxD.reshape(num_prompts, k, -1),
                                                 tokens_BxT.reshape(num_prompts, k, -1))
     adv_PxK = objectives.loo_advantages(r_PxKxK)
 
-    def loss_fn(params):
-      logits = model_lib.forward(cfg, params, tokens_BxT, prompt_BxC,
-                                 jnp.zeros(tokens_BxT.shape[:1], bool))
-      logp_BxTxV = sampling.bounded_log_probs(logits, bounds)
-      kl_B = kl_fn(logp_BxTxV, teacher_BxTxV, mask_BxT)
-      tok_logp_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None], -1)[..., 0]
+    def loss_fn(params, terms_fn, *args):
+      kl_BxT, tok_logp_BxT, ent_BxT = terms_fn(params, frozen, *args)
+      kl_B = jnp.sum(kl_BxT * mask_BxT, -1)
       seq_logp_PxK = jnp.sum(tok_logp_BxT * mask_BxT, -1).reshape(num_prompts, k)
       surrogate = objectives.policy_gradient_surrogate(adv_PxK, seq_logp_PxK)
       loss = jnp.mean(kl_B) - beta * surrogate
-      return loss, (kl_B, objectives.entropy(logp_BxTxV, mask_BxT))
+      return loss, (kl_B, objectives.masked_mean(ent_BxT, mask_BxT))
 
-    (loss, (kl_B, ent)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    metrics = {}
+    if pack is None:
+      (loss, (kl_B, ent)), grads = grad_fn(state['params'], terms_in_own_rows, tokens_BxT,
+                                           prompt_BxC)
+    else:
+      plan = pack.plan(tokens_BxT, cfg.prompt_len)
+      packed = pack.pack(plan, tokens_BxT, prompt_BxC, jnp.zeros(tokens_BxT.shape[:1], bool))
+      (loss, (kl_B, ent)), grads = jax.lax.cond(
+          plan.fits, lambda p: grad_fn(p, terms_in_packed_rows, packed, plan),
+          lambda p: grad_fn(p, terms_in_own_rows, tokens_BxT, prompt_BxC), state['params'])
+      metrics['packed'] = plan.fits
     grad_norm = optax.global_norm(grads)
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
@@ -104,7 +133,7 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
         'entropy': ent, 'reward/diversity': jnp.mean(objectives.mean_reward_per_sample(r_PxKxK)),
         'advantage/mean': jnp.mean(adv_PxK), 'advantage/std': jnp.std(adv_PxK),
         'advantage/abs_mean': jnp.mean(jnp.abs(adv_PxK)), 'length': jnp.mean(jnp.sum(mask_BxT, -1)),
-        'grad_norm': grad_norm, 'lr': schedule(step), **flags}
+        'grad_norm': grad_norm, 'lr': schedule(step), **metrics, **flags}
 
   return train_step
 
@@ -140,7 +169,9 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
       name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
       initial_state=initial_state,
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
-                                  teacher_guidance(exp.config), exp.length_bounds),
+                                  teacher_guidance(exp.config), exp.length_bounds,
+                                  packing.layout(rows, sharding_lib.batch_shards(exp.mesh),
+                                                 f.packed_rows)),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},

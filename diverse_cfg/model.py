@@ -113,11 +113,14 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
-def rotary(x_BxHxTxK: jax.Array, pos_T: jax.Array, base: float) -> jax.Array:
+def rotary(x_BxHxTxK: jax.Array, pos: jax.Array, base: float) -> jax.Array:
+  """Rotary positions; pos is [T] (every row alike) or [B, T] (a position per row)."""
   half = x_BxHxTxK.shape[-1] // 2
   freq_K2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_TxK2 = pos_T.astype(jnp.float32)[:, None] * freq_K2[None, :]
-  sin, cos = jnp.sin(angle_TxK2)[None, None], jnp.cos(angle_TxK2)[None, None]
+  angle_xTxK2 = pos.astype(jnp.float32)[..., None] * freq_K2
+  if angle_xTxK2.ndim == 2:
+    angle_xTxK2 = angle_xTxK2[None]
+  sin, cos = jnp.sin(angle_xTxK2)[:, None], jnp.cos(angle_xTxK2)[:, None]
   x1, x2 = jnp.split(x_BxHxTxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxHxTxK.dtype)
@@ -127,7 +130,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, pos_T, cache_k, cache_v, start):
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_k, cache_v, start):
+    """pos_BxT: positions ([1, T] shared by every row); mask_BxTxS: which keys each query sees."""
     c = self.cfg
     qkv_shape = (c.d_model, c.num_heads, c.head_dim)
     proj = lambda name: _weight(self, name, qkv_shape, ('embed', 'heads', 'kv'), c)
@@ -137,22 +141,20 @@ class Attention(nn.Module):
     # activation is transposed. Asking the einsum for 'bhtk' directly makes
     # XLA transpose the weights instead, at every decode step.
     heads = lambda name: jnp.einsum('btd,dhk->bthk', x_BxTxD, proj(name)).transpose(0, 2, 1, 3)
-    q_BxHxTxK = rotary(heads('query'), pos_T, c.rope_base)
-    k_BxHxTxK = rotary(heads('key'), pos_T, c.rope_base)
+    q_BxHxTxK = rotary(heads('query'), pos_BxT, c.rope_base)
+    k_BxHxTxK = rotary(heads('key'), pos_BxT, c.rope_base)
     v_BxHxTxK = heads('value')
 
     if cache_k is None:  # full forward: attend within this chunk
-      k_BxHxSxK, v_BxHxSxK, key_pos_S = k_BxHxTxK, v_BxHxTxK, pos_T
+      k_BxHxSxK, v_BxHxSxK = k_BxHxTxK, v_BxHxTxK
     else:  # decode: write this chunk at `start`, attend over all slots
       idx = (0, 0, start, 0)
       k_BxHxSxK = jax.lax.dynamic_update_slice(cache_k, k_BxHxTxK.astype(cache_k.dtype), idx)
       v_BxHxSxK = jax.lax.dynamic_update_slice(cache_v, v_BxHxTxK.astype(cache_v.dtype), idx)
-      key_pos_S = jnp.arange(cache_k.shape[2])
 
     scores_BxHxTxS = jnp.einsum('bhtk,bhsk->bhts', q_BxHxTxK, k_BxHxSxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
-    causal_TxS = key_pos_S[None, :] <= pos_T[:, None]  # also hides unwritten cache slots
-    scores_BxHxTxS = jnp.where(causal_TxS[None, None], scores_BxHxTxS, NEG_INF)
+    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, NEG_INF)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(c.jnp_dtype)
     out_BxHxTxK = jnp.einsum('bhts,bhsk->bhtk', probs_BxHxTxS, v_BxHxSxK.astype(c.jnp_dtype))
     w_out = _weight(self, 'out', (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'), c)
@@ -181,14 +183,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer_cache):
-    x_BxTxD, pos_T, start = carry
+    x_BxTxD, pos_BxT, mask_BxTxS, start = carry
     cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
     h, new_k, new_v = Attention(self.cfg, name='attn')(
-        RMSNorm(self.cfg.jnp_dtype, name='attn_norm')(x_BxTxD), pos_T, cache_k, cache_v, start)
+        RMSNorm(self.cfg.jnp_dtype, name='attn_norm')(x_BxTxD), pos_BxT, mask_BxTxS, cache_k,
+        cache_v, start)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + GatedMLP(self.cfg, name='mlp')(RMSNorm(self.cfg.jnp_dtype, name='mlp_norm')(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
-    return (x_BxTxD, pos_T, start), (None if new_k is None else (new_k, new_v))
+    return (x_BxTxD, pos_BxT, mask_BxTxS, start), (None if new_k is None else (new_k, new_v))
 
 
 def _block_class(cfg: ModelConfig):
@@ -243,10 +246,40 @@ class Decoder(nn.Module):
         null_B = jnp.zeros(tokens_BxT.shape[:1], bool)
       x_BxTxD = jnp.concatenate([self.embed_prefix(prompt_BxC, null_B).astype(c.jnp_dtype),
                                  x_BxTxD], axis=1)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
-    pos_T = start + jnp.arange(x_BxTxD.shape[1])
+    pos_1xT = start + jnp.arange(x_BxTxD.shape[1])[None]
+    # Causal; in a decode step the slots not written yet lie after pos and stay hidden.
+    slots = x_BxTxD.shape[1] if cache is None else c.max_positions
+    mask_1xTxS = jnp.arange(slots)[None, None, :] <= pos_1xT[:, :, None]
+    return self._layers_and_head(x_BxTxD, pos_1xT, mask_1xTxS, cache, start,
+                                 keep_last=tokens_BxT.shape[1])
 
-    carry = (x_BxTxD, pos_T, start)
+  def packed(self, inputs_RxW, positions_RxW, segments_RxW, null_RxW):
+    """Logits [R, W, V] of packed rows (packing.Packed): several sequences per row.
+
+    A sequence's slots hold its prompt (positions 0..C-1; null_RxW picks the
+    null prompt), BOS, then its tokens; positions restart at 0 for each
+    sequence and a slot attends only to earlier slots of its own sequence, so
+    each sequence gets the logits it gets alone in __call__.
+    """
+    c = self.cfg
+    prompt_slot = (positions_RxW < c.prompt_len) & (segments_RxW > 0)
+    x_RxWxD = self.embed(jnp.where(prompt_slot, 0, inputs_RxW)).astype(c.jnp_dtype)
+    if c.prompt_len > 0:
+      p_RxWxD = self.prompt_embed(jnp.where(prompt_slot, inputs_RxW, 0))
+      null_RxWxD = self.null_prompt[jnp.clip(positions_RxW, 0, c.prompt_len - 1)]
+      p_RxWxD = jnp.where(null_RxW[..., None], null_RxWxD.astype(p_RxWxD.dtype), p_RxWxD)
+      x_RxWxD = jnp.where(prompt_slot[..., None], p_RxWxD.astype(c.jnp_dtype), x_RxWxD)
+    slot_W = jnp.arange(inputs_RxW.shape[1])
+    mask_RxWxW = ((slot_W[None, :] <= slot_W[:, None])[None]
+                  & (segments_RxW[:, :, None] == segments_RxW[:, None, :]))
+    return self._layers_and_head(x_RxWxD, positions_RxW, mask_RxWxW, None, 0,
+                                 keep_last=inputs_RxW.shape[1])[0]
+
+  def _layers_and_head(self, x_BxTxD, pos_BxT, mask_BxTxS, cache, start, keep_last: int):
+    """The layers, then the head over the last keep_last positions -> (logits, new cache)."""
+    c = self.cfg
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
+    carry = (x_BxTxD, pos_BxT, mask_BxTxS, start)
     if c.scan_layers:
       xs = None if cache is None else (cache['k'], cache['v'])
       carry, kv = self.layers(carry, xs)
@@ -261,7 +294,7 @@ class Decoder(nn.Module):
           vs.append(kv[1])
       new_cache = None if cache is None else {'k': tuple(ks), 'v': tuple(vs)}
 
-    h_BxTxD = self.final_norm(carry[0])[:, -tokens_BxT.shape[1]:]
+    h_BxTxD = self.final_norm(carry[0])[:, -keep_last:]
     if c.tie_embeddings:
       logits_BxTxV = self.embed.attend(h_BxTxD.astype(jnp.float32))
     else:
@@ -341,3 +374,9 @@ def decode_params(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
 def abstract_params(cfg: ModelConfig):
   """Boxed ShapeDtypeStructs of the params (no memory): shapes + logical names."""
   return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+
+
+def forward_packed(cfg: ModelConfig, params, packed) -> jax.Array:
+  """Teacher-forced logits [R, W, V] of packed rows (packing.Packed; Decoder.packed)."""
+  return Decoder(cfg).apply({'params': params}, packed.inputs, packed.positions, packed.segments,
+                            packed.null, method=Decoder.packed)

@@ -25,21 +25,28 @@ import jax.numpy as jnp
 KL_DIRECTIONS = ('student_teacher', 'teacher_student')
 
 
-def _kl(logp_a_BxTxV, logp_b_BxTxV, mask_BxT):
-  """sum_t mask_t KL(a_t || b_t) per sequence -> [B]. log-probs must be normalised."""
-  p_a = jnp.exp(logp_a_BxTxV)
-  kl_BxT = jnp.sum(p_a * (logp_a_BxTxV - logp_b_BxTxV), axis=-1)
-  return jnp.sum(kl_BxT * mask_BxT, axis=-1)
+def _kl(logp_a_xV, logp_b_xV):
+  """KL(a || b) at every position -> [...]. log-probs must be normalised."""
+  return jnp.sum(jnp.exp(logp_a_xV) * (logp_a_xV - logp_b_xV), axis=-1)
+
+
+def kl_per_position(direction: str, logp_student_xV, logp_teacher_xV):
+  """The distillation KL of `direction` at every position -> [...]."""
+  if direction == 'student_teacher':
+    return _kl(logp_student_xV, logp_teacher_xV)
+  if direction == 'teacher_student':
+    return _kl(logp_teacher_xV, logp_student_xV)
+  raise ValueError(f'unknown KL direction {direction!r}; choose from {KL_DIRECTIONS}')
 
 
 def kl_student_teacher(logp_student_BxTxV, logp_teacher_BxTxV, mask_BxT):
   """KL(student || teacher) summed over positions: the paper's distillation loss."""
-  return _kl(logp_student_BxTxV, logp_teacher_BxTxV, mask_BxT)
+  return jnp.sum(_kl(logp_student_BxTxV, logp_teacher_BxTxV) * mask_BxT, axis=-1)
 
 
 def kl_teacher_student(logp_student_BxTxV, logp_teacher_BxTxV, mask_BxT):
   """KL(teacher || student) summed over positions (forward KL)."""
-  return _kl(logp_teacher_BxTxV, logp_student_BxTxV, mask_BxT)
+  return jnp.sum(_kl(logp_teacher_BxTxV, logp_student_BxTxV) * mask_BxT, axis=-1)
 
 
 def distillation_kl(direction: str):
@@ -50,10 +57,17 @@ def distillation_kl(direction: str):
   raise ValueError(f'unknown KL direction {direction!r}; choose from {KL_DIRECTIONS}')
 
 
+def entropy_per_position(logp_xV):
+  return -jnp.sum(jnp.exp(logp_xV) * logp_xV, axis=-1)
+
+
+def masked_mean(x_BxT, mask_BxT):
+  return jnp.sum(x_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
+
+
 def entropy(logp_BxTxV, mask_BxT):
   """Mean per-token entropy over the masked positions."""
-  h_BxT = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
-  return jnp.sum(h_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
+  return masked_mean(entropy_per_position(logp_BxTxV), mask_BxT)
 
 
 def mean_reward_per_sample(r_PxKxK):

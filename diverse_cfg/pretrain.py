@@ -15,6 +15,7 @@ import optax
 
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import model as model_lib
+from diverse_cfg import packing
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
@@ -28,20 +29,40 @@ def lm_loss(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, null_B):
   return training.cross_entropy(logits, tokens_BxT, sampling.token_mask(tokens_BxT))
 
 
-def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int):
-  """The pure step: (state, batch, step) -> (state, metrics), with prompt dropout."""
+def lm_loss_packed(cfg: model_lib.ModelConfig, params, packed: packing.Packed):
+  """lm_loss of the same sequences laid out in packed rows: the same value."""
+  logits = model_lib.forward_packed(cfg, params, packed)
+  return training.cross_entropy(logits, packed.targets, sampling.token_mask(packed.targets))
+
+
+def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int,
+                  pack: packing.Layout | None = None):
+  """The pure step: (state, batch, step) -> (state, metrics), with prompt dropout.
+
+  pack: the batch is trained in packed rows whenever its sequences fit them
+  (the metric `packed` says whether they did), else in its own rows.
+  """
 
   def train_step(state, batch, step):
     key = jax.random.fold_in(jax.random.key(seed), step)
-    null_B = jax.random.bernoulli(key, cfg.prompt_dropout, batch['tokens'].shape[:1])
-    loss_fn = lambda p: lm_loss(cfg, p, batch['tokens'], batch['prompt'], null_B)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    tokens_BxT, prompt_BxC = batch['tokens'], batch['prompt']
+    null_B = jax.random.bernoulli(key, cfg.prompt_dropout, tokens_BxT.shape[:1])
+    grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, tokens_BxT, prompt_BxC, null_B)[0])
+    metrics = {}
+    if pack is None:
+      loss, grads = grad_fn(state['params'])
+    else:
+      plan = pack.plan(tokens_BxT, cfg.prompt_len)
+      packed = pack.pack(plan, tokens_BxT, prompt_BxC, null_B)
+      packed_grad_fn = jax.value_and_grad(lambda p: lm_loss_packed(cfg, p, packed)[0])
+      loss, grads = jax.lax.cond(plan.fits, packed_grad_fn, grad_fn, state['params'])
+      metrics['packed'] = plan.fits
     grad_norm = optax.global_norm(grads)
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
     return state, {'loss': loss, 'perplexity': jnp.exp(loss), 'grad_norm': grad_norm,
-                   'lr': schedule(step), 'real_tokens': training.real_tokens(batch['tokens']),
-                   **flags}
+                   'lr': schedule(step), 'real_tokens': training.real_tokens(tokens_BxT),
+                   **metrics, **flags}
 
   return train_step
 
@@ -71,9 +92,10 @@ def make_task(exp: experiment_lib.Experiment) -> training.Task:
   batches = pipeline.make_train_iterator(exp.sources['train'], t.batch_size, seed, batch_sharding,
                                         keys=BATCH_KEYS)
   tokens_per_step = t.batch_size * cfg.seq_len
+  pack = packing.layout(t.batch_size, sharding_lib.batch_shards(exp.mesh), t.packed_rows)
   return training.Task(
       name='pretrain', init_state=init_state_fn(cfg, tx),
-      train_step=train_step_fn(cfg, tx, schedule, seed), batches=batches,
+      train_step=train_step_fn(cfg, tx, schedule, seed, pack), batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * training.decoder_flops_per_token(cfg, training=True))
 

@@ -219,7 +219,7 @@ def generate(model: Model, prompts_PxC: np.ndarray, num_samples: int, *, gamma: 
   num_prompts = len(prompts_PxC)
   rows_BxC = np.repeat(prompts_PxC, num_samples, axis=0)  # row p * K + k: sample k of prompt p
   rows = len(rows_BxC)
-  shards = model.mesh.shape['data'] * model.mesh.shape['fsdp']
+  shards = sharding_lib.batch_shards(model.mesh)
   padded = -(-rows // shards) * shards
   rows_BxC = np.concatenate([rows_BxC, np.repeat(rows_BxC[-1:], padded - rows, axis=0)])
   sampler = model.sampler

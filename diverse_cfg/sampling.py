@@ -101,11 +101,12 @@ def bound_length(logp_xV, events_x, bounds: LengthBounds):
   return jnp.where(barred, model_lib.NEG_INF, logp_xV)
 
 
-def bounded_log_probs(logits_BxTxV, bounds: LengthBounds):
+def bounded_log_probs(logits_BxTxV, bounds: LengthBounds, events_BxT=None):
   """Normalised log-probs of a teacher-forced pass (logits or unnormalised log-probs)
-  under the length bounds: position t has t events before it."""
-  events_1xT = jnp.arange(logits_BxTxV.shape[1])[None]
-  return jax.nn.log_softmax(bound_length(logits_BxTxV, events_1xT, bounds), axis=-1)
+  under the length bounds: position t has t events before it (or events_BxT[t])."""
+  if events_BxT is None:
+    events_BxT = jnp.arange(logits_BxTxV.shape[1])[None]
+  return jax.nn.log_softmax(bound_length(logits_BxTxV, events_BxT, bounds), axis=-1)
 
 
 def top_k_filter(logp_BxV, top_k):
@@ -254,9 +255,25 @@ def score(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, guidance: 
   null_R = jnp.arange(2 * batch) >= batch
   logits = model_lib.forward(cfg, params, jnp.concatenate([tokens_BxT, tokens_BxT]),
                              jnp.concatenate([prompt_BxC, prompt_BxC]), null_R)
-  lc, lu = logits[:batch], logits[batch:]
-  return {'cond': bounded_log_probs(lc, bounds), 'uncond': bounded_log_probs(lu, bounds),
-          'cfg': bounded_log_probs(guided_log_probs(lc, lu, guidance), bounds)}
+  return _scores(logits[:batch], logits[batch:], guidance, bounds, None)
+
+
+def score_packed(cfg: model_lib.ModelConfig, params, packed, guidance: Guidance,
+                 bounds: LengthBounds = LengthBounds()):
+  """`score` of packed rows (packing.Packed): per-slot log-probs [R, W, V], the uncond
+  half of the 2R rows fed the null prompt."""
+  both = type(packed)(*(jnp.concatenate([x, x]) for x in packed))
+  rows = packed.inputs.shape[0]
+  both = both._replace(null=both.null.at[rows:].set(True))
+  logits = model_lib.forward_packed(cfg, params, both)
+  return _scores(logits[:rows], logits[rows:], guidance, bounds,
+                 packed.positions - cfg.prompt_len)
+
+
+def _scores(lc, lu, guidance: Guidance, bounds: LengthBounds, events):
+  return {'cond': bounded_log_probs(lc, bounds, events),
+          'uncond': bounded_log_probs(lu, bounds, events),
+          'cfg': bounded_log_probs(guided_log_probs(lc, lu, guidance), bounds, events)}
 
 
 def token_mask(tokens_BxT):
@@ -301,7 +318,7 @@ class Sampler:
     if prompt_BxC.ndim != 2 or prompt_BxC.shape[1] != self.cfg.prompt_len:
       raise ValueError(f'prompt must be [batch, prompt_len={self.cfg.prompt_len}], got shape '
                        f'{tuple(prompt_BxC.shape)}')
-    n = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    n = sharding_lib.batch_shards(self.mesh)
     if prompt_BxC.shape[0] % n:
       raise ValueError(f'batch {prompt_BxC.shape[0]} must be a multiple of data*fsdp = {n}')
 

@@ -25,6 +25,11 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over these
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """How many blocks of rows a batch is split into (the product of the BATCH_AXES sizes)."""
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   config_lib.validate_mesh(mesh_cfg, num_devices)
   sizes = [mesh_cfg[a] for a in MESH_AXES]

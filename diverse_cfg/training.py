@@ -144,7 +144,8 @@ class Task:
   init_state: Callable[[jax.Array], dict]
   # (state, batch, step[, frozen]) -> (state, metrics); metrics are scalars. A 'real_tokens'
   # metric (the step's non-PAD tokens, see real_tokens) makes the log's tokens_per_sec count
-  # those; tokens_per_step (rows x row length) gives padded_tokens_per_sec and the MFU.
+  # those; tokens_per_step (rows x row length) gives padded_tokens_per_sec; flops_per_step
+  # the MFU (of the real tokens' share of those FLOPs when real_tokens is logged).
   train_step: Callable[..., tuple[dict, dict]]
   batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
   batch_shardings: Any = None
@@ -222,8 +223,11 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
       row['tokens_per_sec'] = float(sum(m['real_tokens'] for m in fetched)) / elapsed
     if task.tokens_per_step:  # rows x row length: PAD included, labelled so
       row['padded_tokens_per_sec'] = task.tokens_per_step * window_steps / elapsed
-    if task.flops_per_step:
-      row['mfu'] = task.flops_per_step * window_steps / elapsed / (t.peak_flops * num_devices)
+    if task.flops_per_step:  # the FLOPs of real tokens only, where the step counts them
+      flops = task.flops_per_step * window_steps
+      if 'real_tokens' in row and task.tokens_per_step:
+        flops = task.flops_per_step / task.tokens_per_step * row['tokens_per_sec'] * elapsed
+      row['mfu'] = flops / elapsed / (t.peak_flops * num_devices)
     last = pending[-1][0]
     writer.write(last, row)
     history.append({'step': last, **row})

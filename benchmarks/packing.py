@@ -1,0 +1,134 @@
+"""Packing, side by side in one run: real (non-PAD) tokens/s of the pretraining and finetuning steps.
+
+On a pipeline run's work directory (its dataset, base model and embedder):
+* pretraining step, real batches from the train split, for each
+  (batch, packed_rows) in --pretrain: seconds per step (median over --steps
+  distinct batches), real tokens per step and per
+  second, the share of batches that fit the packed rows;
+* finetuning step (rollout + teacher scoring + student update from the base
+  model, one student beta) for each packed_rows in --finetune: the same.
+Compilation is excluded, every timed call ends with block_until_ready, and
+the settings are timed interleaved (A B C A B C ...), so a change in the
+machine's load hits them alike. The speed-up is against each table's first row.
+
+  python -m benchmarks.packing --config=configs/essen.py:cpu --workdir=DIR \
+      --config.data.data_dir=DIR/data
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from benchmarks import sampling as bench
+from diverse_cfg import evaluators
+from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import finetune
+from diverse_cfg import pretrain
+from diverse_cfg import sharding
+from diverse_cfg import training
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A pipeline run (pretrain + embedder done).')
+_PRETRAIN = flags.DEFINE_string('pretrain', '32:0,32:0.5,64:0.5',
+                                'batch:packed_rows pairs for the pretraining step.')
+_FINETUNE = flags.DEFINE_string('finetune', '0,0.5', 'packed_rows values for the finetuning step.')
+_BETA = flags.DEFINE_float('beta', 8.0, 'The student whose step is timed.')
+_STEPS = flags.DEFINE_integer('steps', 12, 'Distinct batches (timed calls) per setting.')
+_OUT = flags.DEFINE_string('out', None, 'Optional JSON output path.')
+
+
+def program(task: training.Task, state, steps: int, frozen=()):
+  """A no-argument call of the jitted step on the next of `steps` batches, and its metrics."""
+  step_fn = jax.jit(task.train_step)
+  batches = [next(task.batches) if task.batches is not None else None for _ in range(steps)]
+  calls = itertools.count()
+  metrics = []
+
+  def call():
+    i = next(calls)
+    out = step_fn(state, batches[i % steps], jnp.int32(i % steps), *frozen)[1]
+    if i:  # the first call compiles and is not timed
+      metrics.append(out)
+    return out
+
+  return call, metrics
+
+
+def summarise(batch: int, fraction: float, timing: dict, metrics: list) -> dict:
+  metrics = jax.device_get(metrics)
+  real = float(np.mean([m['real_tokens'] for m in metrics]))
+  return {'batch': batch, 'packed_rows': fraction,
+          'packed_share': float(np.mean([bool(m.get('packed', False)) for m in metrics])),
+          'sec_per_step': timing['median_s'], 'real_tokens_per_step': real,
+          'real_tokens_per_sec': real / timing['median_s']}
+
+
+def table(rows: list[dict], title: str) -> str:
+  base = rows[0]['real_tokens_per_sec']
+  lines = [f'### {title}', '',
+           '| batch | packed_rows | packed batches | s/step (median) | real tokens/step | '
+           'real tokens/s | speed-up |', '|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['batch']} | {r['packed_rows']:g} | {r['packed_share']:.2f} | "
+                 f"{r['sec_per_step']:.3f} | {r['real_tokens_per_step']:.0f} | "
+                 f"{r['real_tokens_per_sec']:.0f} | {r['real_tokens_per_sec'] / base:.2f}x |")
+  return '\n'.join(lines)
+
+
+def measure(settings: dict, steps: int) -> dict:
+  """settings: name -> (batch, packed_rows, mesh, rules, call, metrics); timed interleaved."""
+  calls = {}
+  for name, (_, _, mesh, rules, call, _) in settings.items():
+    def activated(call=call, mesh=mesh, rules=rules):
+      with sharding.activate(mesh, rules):
+        return call()
+    calls[name] = activated
+  timing = bench.time_interleaved(calls, steps)
+  return {name: summarise(b, f, timing[name], m) for name, (b, f, _, _, _, m) in settings.items()}
+
+
+def main(_):
+  config, workdir, steps = _CONFIG.value, _WORKDIR.value, _STEPS.value
+  print(f'devices: {jax.devices()}')
+  settings = {}
+  for item in _PRETRAIN.value.split(','):
+    batch, fraction = int(item.split(':')[0]), float(item.split(':')[1])
+    c = config.copy_and_resolve_references()
+    c.train.batch_size, c.train.packed_rows = batch, fraction
+    exp = experiment_lib.prepare(c)
+    task = pretrain.make_task(exp)
+    state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
+    settings[item] = (batch, fraction, exp.mesh, exp.rules, *program(task, state, steps))
+  pre = measure(settings, steps)
+
+  embedder = evaluators.load_embedder(f'{workdir}/embedder')
+  settings = {}
+  for fraction in (float(x) for x in _FINETUNE.value.split(',')):
+    c = config.copy_and_resolve_references()
+    c.finetune.packed_rows = fraction
+    exp = experiment_lib.prepare(c)
+    task = finetune.make_task(exp, workdir, _BETA.value, embedder)
+    state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
+    settings[fraction] = (c.finetune.batch_size * c.finetune.k, fraction, exp.mesh, exp.rules,
+                          *program(task, task.initial_state(state), steps, (task.frozen,)))
+  fine = measure(settings, steps)
+  print(table(list(pre.values()), 'Pretraining step (real batches of the train split)'))
+  print()
+  print(table(list(fine.values()), f'Finetuning step from the base model (beta {_BETA.value:g}, '
+                                   'batch = prompts x k rollouts)'))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as fh:
+      json.dump({'pretrain': list(pre.values()), 'finetune': list(fine.values())}, fh, indent=1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

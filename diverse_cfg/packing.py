@@ -1,0 +1,152 @@
+"""Packing: several sequences per row, so training computes on real tokens, not on PAD.
+
+A sequence (prompt p_1..p_C, tokens y_1..y_n then PAD, n counting the EOS)
+takes C + n slots of a packed row: its prompt, BOS, y_1..y_{n-1}; slot C + j
+predicts y_{j+1}. Positions restart at 0 for each sequence and a slot attends
+only to its own sequence (model.Decoder.packed), so every sequence gets the
+logits it gets alone in an unpacked row of width W = C + T.
+
+Everything runs inside the jitted step on the batch the pipeline delivers
+(unchanged: same rows, same order, on any number of hosts). The batch is cut
+into `groups` blocks of consecutive rows, one per batch shard, and each
+block is packed into its own `rows_per_group` rows by first-fit decreasing,
+so no sequence moves between devices. When a block's sequences do not fit,
+`Plan.fits` is False and the caller runs the unpacked rows instead
+(`lax.cond`): the step is exact either way, and only two shapes compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diverse_cfg import specials
+
+
+class Packed(NamedTuple):
+  """Packed rows, each [R, W]."""
+  inputs: jax.Array  # the prompt id at prompt slots, else the token fed (BOS, y_1, ...)
+  positions: jax.Array  # slot index within its sequence
+  segments: jax.Array  # 1 + the sequence's index within its group; 0 on empty slots
+  null: jax.Array  # the sequence is fed the null prompt (bool)
+  targets: jax.Array  # the token this slot predicts; PAD where none
+
+
+class Plan(NamedTuple):
+  """Where each of the B sequences lies: a row of its group's packed rows, a first slot."""
+  row: jax.Array  # [B] int32, within the group's rows
+  offset: jax.Array  # [B] int32
+  slots: jax.Array  # [B] int32, prompt + real tokens
+  fits: jax.Array  # bool: every group's sequences fit its rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What is static about packing a batch: `rows` packed rows, in `groups` blocks."""
+  groups: int
+  rows: int
+
+  def plan(self, tokens_BxT, prompt_len: int) -> Plan:
+    return plan(tokens_BxT, prompt_len, self.groups, self.rows)
+
+  def pack(self, p: Plan, tokens_BxT, prompt_BxC, null_B) -> Packed:
+    return pack(p, tokens_BxT, prompt_BxC, null_B, self.groups, self.rows)
+
+  def unpack(self, values_RxWx, p: Plan, prompt_len: int, seq_len: int):
+    return unpack(values_RxWx, p, prompt_len, seq_len, self.groups)
+
+
+def layout(batch: int, groups: int, fraction: float) -> Layout | None:
+  """Packed rows = fraction of the batch's rows, rounded up to a multiple of groups;
+  None (no packing) for fraction 0 or when that leaves as many rows as the batch has."""
+  rows = -(-int(round(batch * fraction)) // groups) * groups
+  return Layout(groups, rows) if 0 < rows < batch else None
+
+
+def sequence_slots(tokens_BxT, prompt_len: int):
+  """Slots each sequence needs: prompt + real (non-PAD) tokens."""
+  return prompt_len + jnp.sum(tokens_BxT != specials.PAD, axis=-1).astype(jnp.int32)
+
+
+def first_fit_decreasing(slots_N, rows: int, width: int):
+  """Each item into the first row with room, longest first -> (row_N, offset_N, fits)."""
+  order_N = jnp.argsort(-slots_N, stable=True)
+
+  def place(fill_R, size):
+    room_R = fill_R + size <= width
+    r = jnp.argmax(room_R)
+    ok = room_R[r]
+    return fill_R.at[r].add(jnp.where(ok, size, 0)), (r, fill_R[r], ok)
+
+  _, (row_N, offset_N, ok_N) = jax.lax.scan(place, jnp.zeros(rows, jnp.int32), slots_N[order_N])
+  inverse_N = jnp.argsort(order_N)
+  return row_N[inverse_N].astype(jnp.int32), offset_N[inverse_N], jnp.all(ok_N)
+
+
+def _grouped(x, groups: int):
+  """[B, ...] -> [groups, B / groups, ...]: block g is the g-th run of consecutive rows."""
+  return x.reshape((groups, -1) + x.shape[1:])
+
+
+def plan(tokens_BxT, prompt_len: int, groups: int, rows: int) -> Plan:
+  """First-fit decreasing of each group of B / groups sequences into rows / groups rows."""
+  batch, seq_len = tokens_BxT.shape
+  if batch % groups or rows % groups:
+    raise ValueError(f'batch {batch} and packed rows {rows} must split into {groups} groups')
+  slots_B = sequence_slots(tokens_BxT, prompt_len)
+  row_GxN, offset_GxN, fits_G = jax.vmap(
+      lambda s: first_fit_decreasing(s, rows // groups, prompt_len + seq_len))(
+          _grouped(slots_B, groups))
+  return Plan(row_GxN.reshape(-1), offset_GxN.reshape(-1), slots_B, jnp.all(fits_G))
+
+
+def pack(p: Plan, tokens_BxT, prompt_BxC, null_B, groups: int, rows: int) -> Packed:
+  """The batch's sequences laid out in `rows` packed rows of width C + T (see Plan)."""
+  batch, seq_len = tokens_BxT.shape
+  c = prompt_BxC.shape[1]
+  width, rows_g = c + seq_len, rows // groups
+  bos_Bx1 = jnp.full((batch, 1), specials.BOS, tokens_BxT.dtype)
+  ones_BxW = jnp.ones((batch, width), jnp.int32)
+  fields = Packed(
+      inputs=jnp.concatenate([prompt_BxC.astype(tokens_BxT.dtype), bos_Bx1, tokens_BxT[:, :-1]], 1),
+      positions=ones_BxW * jnp.arange(width, dtype=jnp.int32),
+      segments=ones_BxW * (1 + jnp.arange(batch, dtype=jnp.int32) % (batch // groups))[:, None],
+      null=jnp.broadcast_to(null_B[:, None], (batch, width)),
+      targets=jnp.concatenate([jnp.full((batch, c), specials.PAD, tokens_BxT.dtype), tokens_BxT],
+                              1))
+  slot_W = jnp.arange(width)
+  # Flat destination in the group's rows_g * width slots; slots past a sequence go nowhere.
+  dest_BxW = jnp.where(slot_W[None] < p.slots[:, None],
+                       p.row[:, None] * width + p.offset[:, None] + slot_W[None], rows_g * width)
+
+  def scatter(values_NxW, dest_NxW):
+    flat = jnp.zeros(rows_g * width, values_NxW.dtype).at[dest_NxW.reshape(-1)].set(
+        values_NxW.reshape(-1), mode='drop')
+    return flat.reshape(rows_g, width)
+
+  def pack_field(values_BxW):
+    return jax.vmap(scatter)(_grouped(values_BxW, groups),
+                             _grouped(dest_BxW, groups)).reshape(rows, width)
+
+  return Packed(*(pack_field(v) for v in fields))
+
+
+def unpack(values_RxWx, p: Plan, prompt_len: int, seq_len: int, groups: int):
+  """Per-slot values [R, W, ...] back to [B, T, ...]: entry t is the value at the slot that
+  predicts y_{t+1}; 0 after a sequence's last real token."""
+  width = values_RxWx.shape[1]
+  t_T = jnp.arange(seq_len)
+  idx_BxT = p.row[:, None] * width + p.offset[:, None] + prompt_len + t_T[None]
+  real_BxT = prompt_len + t_T[None] < p.slots[:, None]
+
+  def gather(values_RgxWx, idx_NxT, real_NxT):
+    flat = values_RgxWx.reshape((-1,) + values_RgxWx.shape[2:])
+    out = flat[jnp.clip(idx_NxT, 0, flat.shape[0] - 1)]
+    return jnp.where(real_NxT.reshape(real_NxT.shape + (1,) * (out.ndim - 2)), out, 0)
+
+  out = jax.vmap(gather)(_grouped(values_RxWx, groups), _grouped(idx_BxT, groups),
+                         _grouped(real_BxT, groups))
+  return out.reshape((-1, seq_len) + values_RxWx.shape[2:]).astype(values_RxWx.dtype)

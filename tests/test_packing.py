@@ -1,0 +1,140 @@
+"""Packing: the plan, and every sequence of a packed batch gets exactly what it gets alone."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from diverse_cfg import finetune
+from diverse_cfg import model as model_lib
+from diverse_cfg import packing
+from diverse_cfg import pretrain
+from diverse_cfg import sampling
+from diverse_cfg import sharding
+from diverse_cfg import specials
+from tests.test_model import CFG, _mesh, _params
+
+
+def ragged_batch(cfg, batch, seed=0, lengths=None):
+  """Tokens with lengths real tokens (EOS last, then PAD), prompts, null flags."""
+  rng = np.random.default_rng(seed)
+  if lengths is None:
+    lengths = rng.integers(1, cfg.seq_len + 1, batch)
+  tokens = rng.integers(specials.NUM_SPECIAL, cfg.vocab_size, (batch, cfg.seq_len))
+  t = np.arange(cfg.seq_len)[None]
+  lengths = np.asarray(lengths)[:, None]
+  tokens = np.where(t < lengths - 1, tokens, np.where(t == lengths - 1, specials.EOS, specials.PAD))
+  prompt = rng.integers(0, cfg.prompt_vocab_size, (batch, cfg.prompt_len))
+  null = rng.random(batch) < 0.3
+  return jnp.asarray(tokens, jnp.int32), jnp.asarray(prompt, jnp.int32), jnp.asarray(null)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_first_fit_decreasing_places_every_item_without_overlap(seed):
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(1, 11, 12)
+  row, offset, fits = jax.jit(packing.first_fit_decreasing, static_argnums=(1, 2))(
+      jnp.asarray(sizes, jnp.int32), 6, 16)
+  row, offset = np.asarray(row), np.asarray(offset)
+  if sizes.sum() > 6 * 16:
+    assert not bool(fits)
+  else:
+    assert bool(fits)  # first-fit decreasing needs at most 11/9 OPT + 1 rows; here it fits
+    for r in range(6):
+      spans = sorted((offset[i], offset[i] + sizes[i]) for i in np.flatnonzero(row == r))
+      assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+      assert all(0 <= s and e <= 16 for s, e in spans)
+
+
+def test_first_fit_decreasing_reports_what_does_not_fit():
+  sizes = jnp.asarray([9, 9, 9], jnp.int32)  # two rows of 16 hold two of them
+  assert not bool(packing.first_fit_decreasing(sizes, 2, 16)[2])
+  assert bool(packing.first_fit_decreasing(sizes, 3, 16)[2])
+  # Exactly full rows fit: [8 + 8] and [16].
+  assert bool(packing.first_fit_decreasing(jnp.asarray([8, 16, 8], jnp.int32), 2, 16)[2])
+
+
+@pytest.mark.parametrize('variant, groups', [({}, 2), ({'prompt_len': 0}, 1),
+                                             ({'scan_layers': True}, 1)])
+def test_packed_rows_give_each_sequence_its_logits_alone(variant, groups):
+  cfg = dataclasses.replace(CFG, **variant)
+  params = _params(cfg)
+  batch = 8
+  lengths = [1, 12, 3, 5, 2, 7, 4, 9]
+  tokens, prompt, null = ragged_batch(cfg, batch, lengths=lengths)
+  pack = packing.layout(batch, groups, 0.75)  # 6 rows of 15 slots for 67 slots of sequences
+
+  @jax.jit
+  def packed_logits(params, tokens, prompt, null):
+    plan = pack.plan(tokens, cfg.prompt_len)
+    logits = model_lib.forward_packed(cfg, params, pack.pack(plan, tokens, prompt, null))
+    return pack.unpack(logits, plan, cfg.prompt_len, cfg.seq_len), plan.fits
+
+  got, fits = packed_logits(params, tokens, prompt, null)
+  assert bool(fits)
+  want = jax.jit(model_lib.forward, static_argnums=0)(cfg, params, tokens, prompt, null)
+  real = np.asarray(tokens != specials.PAD)
+  assert real.sum() == sum(lengths)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[~real] == 0)
+
+
+def _sgd_state(cfg, seed=0):
+  """SGD with lr 1: after one step, params - new params = the gradient."""
+  tx = optax.sgd(1.0)
+  state, _ = sharding.create_sharded(pretrain.init_state_fn(cfg, tx), *_mesh(jax.devices()[:1]),
+                                     jax.random.key(seed))
+  return tx, state
+
+
+def _assert_same_step(out_a, out_b, keys):
+  (state_a, m_a), (state_b, m_b) = out_a, out_b
+  for k in keys:
+    np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=2e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(state_a['params']), jax.tree.leaves(state_b['params'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize('fraction, fits', [(0.5, True), (0.25, False)])
+def test_packed_pretraining_step_equals_the_unpacked_one(fraction, fits):
+  """Same loss and gradient (SGD, lr 1: the update is the gradient); when the batch does not
+  fit the packed rows the step falls back to its own rows."""
+  tx, state = _sgd_state(CFG)
+  schedule = lambda step: 1.0
+  tokens, prompt, _ = ragged_batch(CFG, 8, seed=3, lengths=[1, 4, 2, 3, 4, 1, 2, 3])
+  batch = {'tokens': tokens, 'prompt': prompt}
+  pack = packing.layout(8, 2, fraction)
+  run = lambda p: jax.jit(pretrain.train_step_fn(CFG, tx, schedule, 5, p))(state, batch,
+                                                                           jnp.int32(0))
+  packed, plain = run(pack), run(None)
+  assert bool(packed[1]['packed']) == fits
+  _assert_same_step(packed, plain, ['loss', 'grad_norm'])
+
+
+def test_packed_finetuning_step_equals_the_unpacked_one():
+  """Rollout, teacher scoring, KL, reward and update: the same with and without packing
+  (the fallback to the batch's own rows is the pretraining test's)."""
+  tx, state = _sgd_state(CFG)
+  teacher = _params(CFG, seed=4)
+  proj = jax.random.normal(jax.random.key(2), (CFG.vocab_size, 8))
+  embed = lambda p, tokens: jnp.sum(p[tokens] * (tokens != specials.PAD)[..., None], axis=1)
+  f = ml_collections.ConfigDict({'k': 4, 'kl': 'student_teacher', 'temperature': 1.0})
+  bounds = sampling.LengthBounds(0, 3)  # at most 3 events + EOS: 7 of 15 slots, two per row
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, CFG.prompt_vocab_size, (4, 3)),
+                       jnp.int32)
+  frozen = {'teacher': teacher, 'embedder': proj}
+
+  def run(pack):
+    step = finetune.finetune_step_fn(CFG, f, tx, lambda s: 1.0, 8.0, 0, embed,
+                                     sampling.Guidance(3.0, 0.1), bounds, pack)
+    return jax.jit(step)(state, {'prompt': prompt}, jnp.int32(0), frozen)
+
+  packed, plain = run(packing.layout(16, 2, 0.5)), run(None)
+  assert bool(packed[1]['packed'])
+  assert float(plain[1]['kl']) > 0.1 and float(plain[1]['advantage/abs_mean']) > 0
+  _assert_same_step(packed, plain, ['loss', 'kl', 'entropy', 'grad_norm', 'length'])

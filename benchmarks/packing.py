@@ -6,7 +6,8 @@ On a pipeline run's work directory (its dataset, base model and embedder):
   distinct batches), real tokens per step and per
   second, the share of batches that fit the packed rows;
 * finetuning step (rollout + teacher scoring + student update from the base
-  model, one student beta) for each packed_rows in --finetune: the same.
+  model, one student beta) for each packed_rows in --finetune: the same; and
+  the rollout alone (packing does not touch it), on the same prompts.
 Compilation is excluded, every timed call ends with block_until_ready, and
 the settings are timed interleaved (A B C A B C ...), so a change in the
 machine's load hits them alike. The speed-up is against each table's first row.
@@ -17,6 +18,7 @@ machine's load hits them alike. The speed-up is against each table's first row.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 
@@ -32,6 +34,7 @@ from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import pretrain
+from diverse_cfg import sampling
 from diverse_cfg import sharding
 from diverse_cfg import training
 
@@ -83,16 +86,19 @@ def table(rows: list[dict], title: str) -> str:
   return '\n'.join(lines)
 
 
-def measure(settings: dict, steps: int) -> dict:
-  """settings: name -> (batch, packed_rows, mesh, rules, call, metrics); timed interleaved."""
-  calls = {}
+def measure(settings: dict, steps: int, extra=None) -> dict:
+  """settings: name -> (batch, packed_rows, mesh, rules, call, metrics); timed interleaved with
+  the `extra` calls, whose median seconds are returned as {name: seconds}."""
+  calls = dict(extra or {})
   for name, (_, _, mesh, rules, call, _) in settings.items():
     def activated(call=call, mesh=mesh, rules=rules):
       with sharding.activate(mesh, rules):
         return call()
     calls[name] = activated
   timing = bench.time_interleaved(calls, steps)
-  return {name: summarise(b, f, timing[name], m) for name, (b, f, _, _, _, m) in settings.items()}
+  return {**{name: timing[name]['median_s'] for name in extra or {}},
+          **{name: summarise(b, f, timing[name], m)
+             for name, (b, f, _, _, _, m) in settings.items()}}
 
 
 def main(_):
@@ -119,14 +125,30 @@ def main(_):
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
     settings[fraction] = (c.finetune.batch_size * c.finetune.k, fraction, exp.mesh, exp.rules,
                           *program(task, task.initial_state(state), steps, (task.frozen,)))
-  fine = measure(settings, steps)
+  # The rollout alone (the student sampling its k rollouts of the same prompts): no packing.
+  rollout = jax.jit(functools.partial(sampling.generate, exp.model_cfg, exp.model_cfg.seq_len,
+                                      False))
+  prompts = [jnp.repeat(next(task.batches)['prompt'], c.finetune.k, axis=0) for _ in range(steps)]
+  calls = itertools.count()
+  bounds = sampling.as_traced(exp.length_bounds)
+  params = task.initial_state(state)['params']
+
+  def rollout_call():
+    i = next(calls)
+    return rollout(params, prompts[i % steps], jax.random.key(i % steps), sampling.Guidance(),
+                   jnp.float32(c.finetune.temperature), jnp.int32(0), bounds)
+
+  fine = measure(settings, steps, {'rollout': rollout_call})
   print(table(list(pre.values()), 'Pretraining step (real batches of the train split)'))
   print()
+  rollout_s = fine.pop('rollout')
   print(table(list(fine.values()), f'Finetuning step from the base model (beta {_BETA.value:g}, '
                                    'batch = prompts x k rollouts)'))
+  print(f'\nthe rollout alone (student sampling, no packing): {rollout_s:.3f} s (median)')
   if _OUT.value:
     with open(_OUT.value, 'w') as fh:
-      json.dump({'pretrain': list(pre.values()), 'finetune': list(fine.values())}, fh, indent=1)
+      json.dump({'pretrain': list(pre.values()), 'finetune': list(fine.values()),
+                 'rollout_s': rollout_s}, fh, indent=1)
 
 
 if __name__ == '__main__':

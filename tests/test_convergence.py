@@ -44,3 +44,28 @@ def test_read_metrics_keeps_one_row_per_step_after_a_resume(tmp_path):
   rows = convergence.read_metrics(str(path))
   assert [(r['step'], r['kl']) for r in rows] == [(10, 5.0), (20, 3.0), (30, 2.0)]
   assert convergence.read_metrics(str(tmp_path / 'absent.jsonl')) == []
+
+
+def test_noise_makes_the_verdict_undecided_not_a_coin_flip():
+  rng = np.random.default_rng(0)
+  noisy = _rows(lambda s: 8.5 + rng.normal(0, 1.0))  # flat, +-12 % per logged point
+  v = convergence.plateau(noisy)
+  lo, hi = v['relative_change_interval']
+  assert v['verdict'] == 'undecided' and hi - lo > 0.2  # wider than the whole +-10 % band
+  quiet = _rows(lambda s: 8.5 + rng.normal(0, 0.1))
+  assert convergence.plateau(quiet)['verdict'] == 'plateaued'
+  falling = _rows(lambda s: 30 - 0.05 * s + rng.normal(0, 0.5))
+  assert convergence.plateau(falling)['verdict'] == 'moving'
+  assert 'undecided' in convergence.describe('beta=8', v)
+
+
+def test_the_interval_of_a_line_plus_noise_covers_the_true_change():
+  """90 % intervals: over 200 noisy lines, about 90 % cover the true relative change."""
+  rng = np.random.default_rng(1)
+  true = -1.5 / 17.75
+  covered = []
+  for _ in range(200):
+    v = convergence.plateau(_rows(lambda s: 20 - 0.01 * s + rng.normal(0, 0.5)))
+    lo, hi = v['relative_change_interval']
+    covered.append(lo <= true <= hi)
+  assert 0.84 <= np.mean(covered) <= 0.95

@@ -7,7 +7,9 @@ guidance.plausibility: exactly the distribution the CFG sampler draws from) on
 the same sequences from one teacher-forced pass over [cond; uncond] rows;
 student and teacher both under the dataset's length bounds; the exact per-position KL summed
 over each sequence; the frozen embedder's pairwise diversity reward with the
-unbiased leave-one-out baseline; loss = mean KL - beta * surrogate.
+unbiased leave-one-out baseline; loss = mean KL - beta * surrogate. The
+scoring and the update run over the rollouts packed several per row
+(finetune.packed_rows, diverse_cfg/packing.py) whenever they fit.
 
     python -m diverse_cfg.main --stage=finetune --config=configs/essen.py:cpu --workdir=DIR
 (one student per value in finetune.betas, under DIR/students/beta_<beta>)

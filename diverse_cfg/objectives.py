@@ -49,14 +49,6 @@ def kl_teacher_student(logp_student_BxTxV, logp_teacher_BxTxV, mask_BxT):
   return jnp.sum(_kl(logp_teacher_BxTxV, logp_student_BxTxV) * mask_BxT, axis=-1)
 
 
-def distillation_kl(direction: str):
-  if direction == 'student_teacher':
-    return kl_student_teacher
-  if direction == 'teacher_student':
-    return kl_teacher_student
-  raise ValueError(f'unknown KL direction {direction!r}; choose from {KL_DIRECTIONS}')
-
-
 def entropy_per_position(logp_xV):
   return -jnp.sum(jnp.exp(logp_xV) * logp_xV, axis=-1)
 

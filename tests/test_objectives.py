@@ -23,9 +23,11 @@ def test_kl_both_directions_closed_form():
                              rtol=1e-6)
   np.testing.assert_allclose(objectives.kl_teacher_student(shape(logp), shape(logq), mask), [kl_qp],
                              rtol=1e-6)
-  assert objectives.distillation_kl('student_teacher') is objectives.kl_student_teacher
+  for direction, want in (('student_teacher', kl_pq), ('teacher_student', kl_qp)):
+    np.testing.assert_allclose(objectives.kl_per_position(direction, shape(logp), shape(logq)),
+                               [[want, want]], rtol=1e-6)
   with pytest.raises(ValueError, match='student_teacher'):
-    objectives.distillation_kl('reverse')
+    objectives.kl_per_position('reverse', logp, logq)
   # Summed over positions: two real positions give twice the value.
   np.testing.assert_allclose(objectives.kl_student_teacher(shape(logp), shape(logq), jnp.ones((1, 2))),
                              [2 * kl_pq], rtol=1e-6)

@@ -196,7 +196,8 @@ def pretrain_program(exp) -> Program:
   batch_s, repl = sharding.batch_sharding(exp.mesh, 2), sharding.replicated(exp.mesh)
   batch = {'tokens': _abstract((t.batch_size, cfg.seq_len), jnp.int32, batch_s),
            'prompt': _abstract((t.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
-  pack = packing.layout(t.batch_size, sharding.batch_shards(exp.mesh), t.packed_rows)
+  pack = packing.layout(t.batch_size, sharding.batch_shards(exp.mesh), t.packed_rows,
+                        *packing.row_slots(cfg, exp.length_bounds))
   fn = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, exp.config.seed, pack),
                in_shardings=(shardings, batch_s, repl), out_shardings=(shardings, repl),
                donate_argnums=0)
@@ -224,7 +225,8 @@ def finetune_program(exp) -> Program:
                                    embedder_lib.make_embedder(net, None).apply,
                                    finetune.teacher_guidance(exp.config), exp.length_bounds,
                                    packing.layout(rows, sharding.batch_shards(exp.mesh),
-                                                  f.packed_rows))
+                                                  f.packed_rows,
+                                                  *packing.row_slots(cfg, exp.length_bounds)))
   fn = jax.jit(step, in_shardings=(shardings, batch_s, repl, frozen_s),
                out_shardings=(shardings, repl), donate_argnums=0)
   batch = {'prompt': _abstract((f.batch_size, cfg.prompt_len), jnp.int32, batch_s)}

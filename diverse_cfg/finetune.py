@@ -173,7 +173,8 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
                                   teacher_guidance(exp.config), exp.length_bounds,
                                   packing.layout(rows, sharding_lib.batch_shards(exp.mesh),
-                                                 f.packed_rows)),
+                                                 f.packed_rows,
+                                                 *packing.row_slots(cfg, exp.length_bounds))),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},

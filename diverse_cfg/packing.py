@@ -59,11 +59,27 @@ class Layout:
     return unpack(values_RxWx, p, prompt_len, seq_len, self.groups)
 
 
-def layout(batch: int, groups: int, fraction: float) -> Layout | None:
-  """Packed rows = fraction of the batch's rows, rounded up to a multiple of groups;
-  None (no packing) for fraction 0 or when that leaves as many rows as the batch has."""
+def layout(batch: int, groups: int, fraction: float, width: int | None = None,
+           min_slots: int = 1) -> Layout | None:
+  """Packed rows = fraction of the batch's rows, rounded up to a multiple of groups.
+
+  None (no packing) for fraction 0, when that leaves as many rows as the batch
+  has, or when sequences of at least min_slots slots (e.g. fixed-length data)
+  could never fit in rows of `width` slots (row_slots gives both).
+  """
   rows = -(-int(round(batch * fraction)) // groups) * groups
-  return Layout(groups, rows) if 0 < rows < batch else None
+  if not 0 < rows < batch:
+    return None
+  if width is not None and width // min_slots * (rows // groups) < batch // groups:
+    return None
+  return Layout(groups, rows)
+
+
+def row_slots(cfg, bounds) -> tuple[int, int]:
+  """(width, fewest slots a sequence takes) for a model config and the data's length bounds:
+  prompt + at least bounds.min events + EOS (a truncated row may lack the EOS)."""
+  width = cfg.prompt_len + cfg.seq_len
+  return width, min(width, cfg.prompt_len + int(bounds.min) + 1)
 
 
 def sequence_slots(tokens_BxT, prompt_len: int):

@@ -138,3 +138,14 @@ def test_packed_finetuning_step_equals_the_unpacked_one():
   assert bool(packed[1]['packed'])
   assert float(plain[1]['kl']) > 0.1 and float(plain[1]['advantage/abs_mean']) > 0
   _assert_same_step(packed, plain, ['loss', 'kl', 'entropy', 'grad_norm', 'length'])
+
+
+def test_no_layout_when_the_data_can_never_fit():
+  cfg = dataclasses.replace(CFG, seq_len=25, prompt_len=1)  # 26 slots per row
+  variable = packing.row_slots(cfg, sampling.LengthBounds())
+  fixed = packing.row_slots(cfg, sampling.LengthBounds(24, 24))  # every sequence takes 26 slots
+  assert variable == (26, 2) and fixed == (26, 26)
+  assert packing.layout(32, 2, 0.5, *variable) == packing.Layout(2, 16)
+  assert packing.layout(32, 2, 0.5, *fixed) is None  # one sequence per row: never fits
+  assert packing.layout(32, 2, 0.0, *variable) is None
+  assert packing.layout(32, 2, 1.0, *variable) is None  # as many rows as the batch

@@ -63,7 +63,6 @@ from diverse_cfg import config_lib
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import model as model_lib
-from diverse_cfg import packing
 from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
@@ -196,9 +195,8 @@ def pretrain_program(exp) -> Program:
   batch_s, repl = sharding.batch_sharding(exp.mesh, 2), sharding.replicated(exp.mesh)
   batch = {'tokens': _abstract((t.batch_size, cfg.seq_len), jnp.int32, batch_s),
            'prompt': _abstract((t.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
-  pack = packing.layout(t.batch_size, sharding.batch_shards(exp.mesh), t.packed_rows,
-                        *packing.row_slots(cfg, exp.length_bounds))
-  fn = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, exp.config.seed, pack),
+  fn = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, exp.config.seed,
+                                      exp.packing(t.batch_size, t.packed_rows)),
                in_shardings=(shardings, batch_s, repl), out_shardings=(shardings, repl),
                donate_argnums=0)
   tokens = t.batch_size * cfg.seq_len
@@ -224,9 +222,7 @@ def finetune_program(exp) -> Program:
   step = finetune.finetune_step_fn(cfg, f, tx, schedule, float(max(f.betas)), exp.config.seed,
                                    embedder_lib.make_embedder(net, None).apply,
                                    finetune.teacher_guidance(exp.config), exp.length_bounds,
-                                   packing.layout(rows, sharding.batch_shards(exp.mesh),
-                                                  f.packed_rows,
-                                                  *packing.row_slots(cfg, exp.length_bounds)))
+                                   exp.packing(rows, f.packed_rows))
   fn = jax.jit(step, in_shardings=(shardings, batch_s, repl, frozen_s),
                out_shardings=(shardings, repl), donate_argnums=0)
   batch = {'prompt': _abstract((f.batch_size, cfg.prompt_len), jnp.int32, batch_s)}

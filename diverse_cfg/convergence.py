@@ -57,7 +57,8 @@ def plateau(rows: list[dict], key: str = 'kl', window: float = 0.5, tol: float =
   se_slope = np.sqrt(np.sum((y - slope * x - intercept) ** 2) / dof / np.sum((x - x.mean()) ** 2))
   half = float(stats.t.ppf(0.5 + LEVEL / 2, dof) * se_slope * span)
   scale = abs(mean) if mean else float('inf')
-  relative, lo, hi = slope * span / scale, (slope * span - half) / scale, (slope * span + half) / scale
+  change = slope * span
+  relative, lo, hi = change / scale, (change - half) / scale, (change + half) / scale
   verdict = ('plateaued' if -tol <= lo and hi <= tol else
              'moving' if lo > tol or hi < -tol else 'undecided')
   return {**out, 'plateaued': verdict == 'plateaued', 'verdict': verdict,

@@ -16,6 +16,7 @@ import ml_collections
 
 from diverse_cfg import config_lib
 from diverse_cfg import model as model_lib
+from diverse_cfg import packing as packing_lib
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg.data import meta as meta_lib
@@ -34,6 +35,11 @@ class Experiment:
   def length_bounds(self) -> sampling.LengthBounds:
     """Where every sampler of this experiment lets rows end (the data's fixed length, if any)."""
     return sampling.data_length_bounds(self.meta.fixed_length)
+
+  def packing(self, batch: int, fraction: float) -> packing_lib.Layout | None:
+    """How a training batch of `batch` rows packs on this mesh (packing.layout), or None."""
+    return packing_lib.layout(batch, sharding_lib.batch_shards(self.mesh), fraction,
+                              *packing_lib.row_slots(self.model_cfg, self.length_bounds))
 
 
 _SIZE_FIELDS = {'vocab_size': 'vocab_size', 'prompt_vocab_size': 'prompt_vocab_size',

@@ -172,9 +172,7 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
       initial_state=initial_state,
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
                                   teacher_guidance(exp.config), exp.length_bounds,
-                                  packing.layout(rows, sharding_lib.batch_shards(exp.mesh),
-                                                 f.packed_rows,
-                                                 *packing.row_slots(cfg, exp.length_bounds))),
+                                  exp.packing(rows, f.packed_rows)),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},

@@ -92,11 +92,10 @@ def make_task(exp: experiment_lib.Experiment) -> training.Task:
   batches = pipeline.make_train_iterator(exp.sources['train'], t.batch_size, seed, batch_sharding,
                                         keys=BATCH_KEYS)
   tokens_per_step = t.batch_size * cfg.seq_len
-  pack = packing.layout(t.batch_size, sharding_lib.batch_shards(exp.mesh), t.packed_rows,
-                        *packing.row_slots(cfg, exp.length_bounds))
   return training.Task(
       name='pretrain', init_state=init_state_fn(cfg, tx),
-      train_step=train_step_fn(cfg, tx, schedule, seed, pack), batches=batches,
+      train_step=train_step_fn(cfg, tx, schedule, seed,
+                               exp.packing(t.batch_size, t.packed_rows)), batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * training.decoder_flops_per_token(cfg, training=True))
 

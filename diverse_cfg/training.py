@@ -219,14 +219,15 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
     row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
            if not k.startswith('finite/')}
     row['steps_per_sec'] = window_steps / elapsed
-    if 'real_tokens' in row:  # tokens_per_sec counts real (non-PAD) tokens only
-      row['tokens_per_sec'] = float(sum(m['real_tokens'] for m in fetched)) / elapsed
+    real = float(sum(m['real_tokens'] for m in fetched)) if 'real_tokens' in row else None
+    if real is not None:  # tokens_per_sec counts real (non-PAD) tokens only
+      row['tokens_per_sec'] = real / elapsed
     if task.tokens_per_step:  # rows x row length: PAD included, labelled so
       row['padded_tokens_per_sec'] = task.tokens_per_step * window_steps / elapsed
     if task.flops_per_step:  # the FLOPs of real tokens only, where the step counts them
       flops = task.flops_per_step * window_steps
-      if 'real_tokens' in row and task.tokens_per_step:
-        flops = task.flops_per_step / task.tokens_per_step * row['tokens_per_sec'] * elapsed
+      if real is not None and task.tokens_per_step:
+        flops = task.flops_per_step / task.tokens_per_step * real
       row['mfu'] = flops / elapsed / (t.peak_flops * num_devices)
     last = pending[-1][0]
     writer.write(last, row)

@@ -24,11 +24,13 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import sampling as bench
+from diverse_cfg import checkpoints
 from diverse_cfg import evaluate
 from diverse_cfg import experiment as experiment_lib
-from diverse_cfg import finetune
+from diverse_cfg import measure
 from diverse_cfg import sampling
 from diverse_cfg import specials
+from diverse_cfg import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A work directory with a pretrain stage.')
@@ -39,8 +41,9 @@ _OUT = flags.DEFINE_string('out', None, 'Optional JSON output path.')
 def run(config, workdir: str, repeats: int) -> list[dict]:
   exp = experiment_lib.prepare(config)
   cfg, e = exp.model_cfg, exp.config.evaluate
-  params, _ = finetune.restore_model_params(finetune.base_dir(workdir), cfg, exp.mesh, exp.rules)
-  prompt_BxC = jnp.asarray(evaluate.repeat_prompts(evaluate.evaluation_prompts(exp), e.k))
+  params, _ = checkpoints.restore_model_params(
+      workdir_lib.checkpoints(workdir_lib.WorkDir(workdir).pretrain), cfg, exp.mesh, exp.rules)
+  prompt_BxC = jnp.asarray(measure.repeat_prompts(evaluate.evaluation_prompts(exp), e.k))
   key = jax.random.key(exp.config.seed + 1234)
   bounds = sampling.as_traced(exp.length_bounds)
   out = []

@@ -21,14 +21,15 @@ import time
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 from ml_collections import config_flags
 
+from diverse_cfg import checkpoints
 from diverse_cfg import evaluate
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
-from diverse_cfg import finetune
+from diverse_cfg import measure
 from diverse_cfg import sampling
+from diverse_cfg import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A work directory with pretrain/embedder/classifier.')
@@ -46,13 +47,13 @@ COLUMNS = ('quality', 'diversity', 'length', 'length_gap', 'length_w1', 'length_
 def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> list[dict]:
   exp = experiment_lib.prepare(config)
   e = exp.config.evaluate
-  embedder = evaluators.load_embedder(os.path.join(workdir, 'embedder'))
-  quality_model = evaluators.load_quality_model(os.path.join(workdir, 'classifier'))
-  base, _ = finetune.restore_model_params(finetune.base_dir(workdir), exp.model_cfg, exp.mesh,
-                                          exp.rules)
+  wd = workdir_lib.WorkDir(workdir)
+  embedder, quality_model = evaluators.frozen_models(wd)
+  base, _ = checkpoints.restore_model_params(workdir_lib.checkpoints(wd.pretrain), exp.model_cfg,
+                                             exp.mesh, exp.rules)
   prompts_PxC = evaluate.evaluation_prompts(exp)
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
-  reference = evaluate.fidelity_reference(exp)
+  reference = measure.fidelity_reference(exp)
   key = jax.random.key(exp.config.seed + 1234)  # the evaluation's key
   bounds = exp.length_bounds if data_bounds else sampling.LengthBounds()
   rows = []
@@ -62,9 +63,9 @@ def sweep(config, workdir: str, gammas, alphas, data_bounds: bool = True) -> lis
           base, p, k, gamma=g, plausibility=a, temperature=e.temperature,
           bounds=bounds)
       start = time.perf_counter()
-      tokens, _ = evaluate.sample_k(fn, prompts_PxC, e.k, key)
-      metrics = evaluate.score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram,
-                                       reference=reference)
+      tokens, _ = measure.sample_k(fn, prompts_PxC, e.k, key)
+      metrics = measure.score_samples(tokens, prompts_PxC, embedder, quality_model, e.ngram,
+                                      reference=reference)
       rows.append({'dataset': exp.meta.name, 'gamma': gamma, 'plausibility': alpha,
                    'length_bounds': tuple(int(b) for b in bounds),
                    'seconds': time.perf_counter() - start, **metrics})

@@ -37,6 +37,7 @@ from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
 from diverse_cfg import training
+from diverse_cfg import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A pipeline run (pretrain + embedder done).')
@@ -115,23 +116,24 @@ def main(_):
     settings[item] = (batch, fraction, exp.mesh, exp.rules, *program(task, state, steps))
   pre = measure(settings, steps)
 
-  embedder = evaluators.load_embedder(f'{workdir}/embedder')
+  wd = workdir_lib.WorkDir(workdir)
+  embedder = evaluators.load_embedder(wd.embedder)
   settings = {}
   for fraction in (float(x) for x in _FINETUNE.value.split(',')):
     c = config.copy_and_resolve_references()
     c.finetune.packed_rows = fraction
     exp = experiment_lib.prepare(c)
-    task = finetune.make_task(exp, workdir, _BETA.value, embedder)
+    task = finetune.make_task(exp, wd, _BETA.value, embedder)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
     settings[fraction] = (c.finetune.batch_size * c.finetune.k, fraction, exp.mesh, exp.rules,
-                          *program(task, task.initial_state(state), steps, (task.frozen,)))
+                          *program(task, task.warm_start(state), steps, (task.frozen,)))
   # The rollout alone (the student sampling its k rollouts of the same prompts): no packing.
   rollout = jax.jit(functools.partial(sampling.generate, exp.model_cfg, exp.model_cfg.seq_len,
                                       False))
   prompts = [jnp.repeat(next(task.batches)['prompt'], c.finetune.k, axis=0) for _ in range(steps)]
   calls = itertools.count()
   bounds = sampling.as_traced(exp.length_bounds)
-  params = task.initial_state(state)['params']
+  params = task.warm_start(state)['params']
 
   def rollout_call():
     i = next(calls)

@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+from diverse_cfg import workdir as workdir_lib  # paths only: no JAX before the device env is set
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREEMPTED_EXIT = 75  # the child's exit status when it stopped on SIGTERM (EX_TEMPFAIL)
 VOCAB = 23  # the synthetic dataset's 20 events + PAD/BOS/EOS
@@ -82,12 +84,8 @@ def make_config(root: str, args):
   return c
 
 
-def student_dir(workdir: str, beta: float) -> str:
-  return os.path.join(workdir, 'students', f'beta_{beta:g}')  # = finetune.student_dir
-
-
 def saved_steps(workdir: str, beta: float) -> list[int]:
-  ckpt = os.path.join(student_dir(workdir, beta), 'checkpoints')
+  ckpt = workdir_lib.checkpoints(workdir_lib.WorkDir(workdir).student(beta))
   if not os.path.isdir(ckpt):
     return []
   return sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
@@ -95,7 +93,7 @@ def saved_steps(workdir: str, beta: float) -> list[int]:
 
 def logged_step(workdir: str, beta: float) -> int:
   """The last step in the student's metrics.jsonl (0 if none)."""
-  path = os.path.join(student_dir(workdir, beta), 'metrics.jsonl')
+  path = workdir_lib.metrics_file(workdir_lib.WorkDir(workdir).student(beta))
   if not os.path.exists(path):
     return 0
   step = 0
@@ -150,7 +148,7 @@ def child(args) -> int:
   if args.step_delay > 0:
     pace_steps(args.step_delay)
   start = saved_steps(args.child_workdir, args.beta)
-  result = finetune.run(config, args.child_workdir, baselines.bag_of_events(VOCAB),
+  result = finetune.run(config, args.child_workdir, embedder=baselines.bag_of_events(VOCAB),
                         devices=devices, progress=False)[args.beta]
   with open(args.result, 'w') as f:
     json.dump({'start_step': start[-1] if start else 0, 'step': result.step,
@@ -265,7 +263,7 @@ def metric_rows(workdir: str, beta: float) -> tuple[dict[int, dict], dict[int, d
   """step -> training metrics (timing fields dropped), step -> eval/* metrics, and how many
   steps were logged twice (a redone step would be)."""
   train, evals, repeats = {}, {}, 0
-  with open(os.path.join(student_dir(workdir, beta), 'metrics.jsonl')) as f:
+  with open(workdir_lib.metrics_file(workdir_lib.WorkDir(workdir).student(beta))) as f:
     for line in f:
       row = json.loads(line)
       step = row.pop('step')
@@ -289,12 +287,12 @@ def first_difference(a: dict, b: dict):
 def compare(args, config, soak_dir: str, ref_dir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from diverse_cfg import experiment, finetune  # pylint: disable=g-import-not-at-top
+  from diverse_cfg import checkpoints, experiment  # pylint: disable=g-import-not-at-top
   exp = experiment.prepare(config, jax.devices())
-  params = {}
-  for name, d in (('soak', soak_dir), ('reference', ref_dir)):
-    ckpt = os.path.join(student_dir(d, args.beta), 'checkpoints')
-    params[name], _ = finetune.restore_model_params(ckpt, exp.model_cfg, exp.mesh, exp.rules)
+  restore = lambda run_dir: checkpoints.restore_model_params(
+      workdir_lib.checkpoints(run_dir), exp.model_cfg, exp.mesh, exp.rules)[0]
+  params = {name: restore(workdir_lib.WorkDir(d).student(args.beta))
+            for name, d in (('soak', soak_dir), ('reference', ref_dir))}
   leaves = jax.tree.leaves(params['soak'])
   try:
     jax.tree.map(np.testing.assert_array_equal, params['soak'], params['reference'])
@@ -303,8 +301,7 @@ def compare(args, config, soak_dir: str, ref_dir: str) -> dict:
     identical, detail = False, str(e)[:2000]
   differ = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                zip(leaves, jax.tree.leaves(params['reference'])))
-  base, _ = finetune.restore_model_params(finetune.base_dir(ref_dir), exp.model_cfg, exp.mesh,
-                                          exp.rules)
+  base = restore(workdir_lib.WorkDir(ref_dir).pretrain)
   moved = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
               zip(jax.tree.leaves(base), jax.tree.leaves(params['reference'])))
   soak_train, soak_eval, repeated = metric_rows(soak_dir, args.beta)
@@ -332,14 +329,14 @@ def parent(args) -> int:
   config = make_config(root, args)
   print(f'pretraining the base model ({args.pretrain_steps} steps, reused if present) ...',
         flush=True)
-  pretrain.run(config, os.path.join(root, 'base', 'pretrain'), devices=jax.devices(),
-               progress=False)
-  base_ckpt = os.path.join(root, 'base', 'pretrain', 'checkpoints')
+  base = workdir_lib.WorkDir(os.path.join(root, 'base'))
+  pretrain.run(config, base, devices=jax.devices(), progress=False)
+  base_ckpt = workdir_lib.checkpoints(base.pretrain)
   dirs = {}
   for name in ('soak', 'reference'):
     dirs[name] = os.path.join(root, name)
     shutil.rmtree(dirs[name], ignore_errors=True)
-    shutil.copytree(base_ckpt, os.path.join(dirs[name], 'pretrain', 'checkpoints'))
+    shutil.copytree(base_ckpt, workdir_lib.checkpoints(workdir_lib.WorkDir(dirs[name]).pretrain))
   print(f'finetuning beta={args.beta:g} for {args.steps} steps with SIGTERM every few steps, '
         f'{args.devices} device(s) ...', flush=True)
   t0 = time.perf_counter()

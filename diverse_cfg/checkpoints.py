@@ -7,6 +7,7 @@ abstract tree of ShapeDtypeStructs carrying the *current* mesh's shardings.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -17,6 +18,9 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
+
+from diverse_cfg import model as model_lib
+from diverse_cfg import sharding as sharding_lib
 
 
 log = logging.getLogger('diverse_cfg')
@@ -185,6 +189,18 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   finally:
     mngr.close()
   return out
+
+
+def restore_model_params(ckpt_dir: str, cfg: model_lib.ModelConfig, mesh, rules):
+  """A decoder checkpoint's params on this mesh, and their shardings; the architecture is
+  checked first (a mismatch names each differing field)."""
+  saved = model_lib.ModelConfig.from_config(read_config(ckpt_dir).model)
+  if saved != cfg:
+    raise CheckpointError(f'{ckpt_dir} holds a different architecture (saved vs '
+                          f'configured): {saved.differences(cfg)}')
+  abstract = sharding_lib.abstract_sharded(functools.partial(model_lib.init_params, cfg), mesh,
+                                           rules, jax.random.key(0))
+  return restore_params(ckpt_dir, abstract), jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -4,9 +4,10 @@ import sys
 
 from absl import app
 
+from diverse_cfg import main
+
 
 def run():
-  from diverse_cfg import main  # pylint: disable=g-import-not-at-top
   if len(sys.argv) < 2 or sys.argv[1].startswith('-'):
     print(f'usage: diverse-cfg {{{",".join(main.PIPELINE + ("all",))}}} --config=FILE[:preset] '
           '--workdir=DIR [--config.a.b=v ...]\n'

@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.k = 4  # generations per prompt
   e.temperature = 1.0
   e.render_prompts = 3  # prompts whose samples are shown in the report
-  # How samples are shown (diverse_cfg/renderers.py): auto | melody | tokens | pkg.module:function
+  # How samples are shown (diverse_cfg/report.py): auto | melody | tokens | pkg.module:function
   e.renderer = 'auto'
   e.ngram = 2  # n for the model-free shared n-gram diversity measure
   e.level = 0.95  # confidence of every interval and claim verdict (diverse_cfg/claims.py)
@@ -142,11 +142,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Class weights in the loss, (training frequency)^-class_balance, normalised to mean 1 over
   # the training labels: 0 = plain cross-entropy, 1 = every class weighs as much in total.
   cl.class_balance = 0.0
-
-  c.sampling = s = ml_collections.ConfigDict()
-  s.gamma = 3.0  # CFG strength; 1 = no guidance
-  s.temperature = 1.0
-  s.top_k = 0  # 0 = full distribution
   return c
 
 
@@ -325,12 +320,6 @@ def _fixed_product(mesh_cfg) -> int:
   return out
 
 
-def validate_sampling(s: ml_collections.ConfigDict) -> None:
-  _require(s.gamma >= 0, 'sampling.gamma', 'CFG strength must be >= 0', s.gamma)
-  _require(s.temperature > 0, 'sampling.temperature', 'must be > 0', s.temperature)
-  _require(s.top_k >= 0, 'sampling.top_k', 'must be >= 0 (0 = off)', s.top_k)
-
-
 FIXED_LENGTH_OPTIONS = {'auto': None, 'yes': True, 'no': False}
 
 
@@ -366,7 +355,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,
   """Raises ConfigError naming the first bad field. Call before any work."""
   _check_keys(cfg, reference if reference is not None else base_config(), '')
   validate_model(cfg.model, sizes_known=sizes_known)
-  validate_sampling(cfg.sampling)
   validate_guidance(cfg.guidance)
   validate_data(cfg.data)
   validate_train(cfg.train)

@@ -20,6 +20,8 @@ import os
 import numpy as np
 from scipy import stats
 
+from diverse_cfg import workdir as workdir_lib
+
 LEVEL = 0.9  # two one-sided tests at 5 % each
 
 
@@ -80,8 +82,8 @@ def describe(name: str, verdict: dict) -> str:
 
 
 def run_metrics(run_dir: str) -> list[dict]:
-  """read_metrics of a stage directory's metrics.jsonl."""
-  return read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  """read_metrics of a run directory's metrics.jsonl."""
+  return read_metrics(workdir_lib.metrics_file(run_dir))
 
 
 def check(rows: list[dict], f) -> dict:

@@ -19,7 +19,7 @@ from diverse_cfg import model as model_lib
 from diverse_cfg import packing as packing_lib
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
-from diverse_cfg.data import meta as meta_lib
+from diverse_cfg.data import registry
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ def fill_model_sizes(config: ml_collections.ConfigDict, meta, checkpoint: str | 
     elif have != want:
       raise config_lib.ConfigError(
           f'{checkpoint} was trained with model.{field}={have}, but dataset {meta.name!r} in '
-          f'{config.data.data_dir or meta_lib.default_data_dir()} now has {attr}={want}. Sample it '
+          f'{config.data.data_dir or registry.default_data_dir()} now has {attr}={want}. Sample it '
           'against the data it was trained on (--data_dir); an essen_folk build older than this '
           'library (e.g. 1.0.0, which had 7 regions) needs the library version that built it')
 
@@ -81,15 +81,15 @@ def load_data(config: ml_collections.ConfigDict):
   else:
     options = {}
   if jax.process_count() == 1:
-    return meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+    return registry.load_dataset(d.name, d.data_dir or None, **options)
   # Several processes: process 0 builds or imports the dataset first and the
   # others open it after the barrier, so that no two write one directory at once.
   # (With a data_dir local to each host, the others build their own copy then.)
   if jax.process_index() == 0:
-    out = meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+    out = registry.load_dataset(d.name, d.data_dir or None, **options)
   multihost_utils.sync_global_devices('diverse_cfg.load_data')
   if jax.process_index() != 0:
-    out = meta_lib.load_dataset(d.name, d.data_dir or None, **options)
+    out = registry.load_dataset(d.name, d.data_dir or None, **options)
   return out
 
 

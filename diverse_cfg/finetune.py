@@ -12,14 +12,13 @@ scoring and the update run over the rollouts packed several per row
 (finetune.packed_rows, diverse_cfg/packing.py) whenever they fit.
 
     python -m diverse_cfg.main --stage=finetune --config=configs/essen.py:cpu --workdir=DIR
-(one student per value in finetune.betas, under DIR/students/beta_<beta>)
+(one student per value in finetune.betas, under DIR/students/beta_<beta>; the frozen
+evaluators from DIR/embedder and DIR/classifier)
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from diverse_cfg import checkpoints
 from diverse_cfg import convergence
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import measure
 from diverse_cfg import model as model_lib
 from diverse_cfg import objectives
 from diverse_cfg import packing
@@ -37,26 +37,8 @@ from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import pipeline
-
-
-def student_dir(workdir: str, beta: float) -> str:
-  return os.path.join(workdir, 'students', f'beta_{beta:g}')
-
-
-def base_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'pretrain', 'checkpoints')
-
-
-def restore_model_params(ckpt_dir: str, cfg: model_lib.ModelConfig, mesh, rules):
-  """A model checkpoint's params onto this mesh, checking the architecture first."""
-  saved = model_lib.ModelConfig.from_config(checkpoints.read_config(ckpt_dir).model)
-  if saved != cfg:
-    raise checkpoints.CheckpointError(f'{ckpt_dir} holds a different architecture (saved vs '
-                                      f'configured): {saved.differences(cfg)}')
-  abstract = sharding_lib.abstract_sharded(functools.partial(model_lib.init_params, cfg), mesh,
-                                           rules, jax.random.key(0))
-  return checkpoints.restore_params(ckpt_dir, abstract), jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
@@ -152,14 +134,14 @@ def finetune_flops(cfg: model_lib.ModelConfig, rows: int) -> float:
   return fwd * (1 + 2 + 3)
 
 
-def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedder,
-              evaluate_fn=None) -> training.Task:
+def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta: float,
+              embedder, evaluate_fn=None) -> training.Task:
   cfg, f = exp.model_cfg, exp.config.finetune
   tx, schedule = training.make_optimizer(f)
-  teacher, teacher_shardings = restore_model_params(base_dir(workdir), cfg,
-                                                    exp.mesh, exp.rules)
+  teacher, teacher_shardings = checkpoints.restore_model_params(
+      workdir_lib.checkpoints(workdir.pretrain), cfg, exp.mesh, exp.rules)
 
-  def initial_state(state):  # the student starts as the base model
+  def warm_start(state):  # the student starts as the base model
     return {'params': jax.tree.map(jnp.copy, teacher), 'opt_state': state['opt_state']}
 
   batch_sharding = pipeline.batch_sharding(exp.mesh, sharding_lib.BATCH_AXES)
@@ -169,7 +151,7 @@ def make_task(exp: experiment_lib.Experiment, workdir: str, beta: float, embedde
   rows = f.batch_size * f.k
   return training.Task(
       name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
-      initial_state=initial_state,
+      warm_start=warm_start,
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
                                   teacher_guidance(exp.config), exp.length_bounds,
                                   exp.packing(rows, f.packed_rows)),
@@ -188,25 +170,30 @@ def heldout_prompts(exp: experiment_lib.Experiment, split: str = 'validation') -
   return np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
 
 
-def run(config, workdir: str, embedder, quality_model=None, devices=None, progress=True,
-        betas=None) -> dict[float, training.RunResult]:
-  """Trains one student per beta; returns their results."""
-  from diverse_cfg import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+def run(config, workdir: workdir_lib.WorkDir | str, devices=None, *, embedder=None,
+        quality_model=None, progress=True, betas=None) -> dict[float, training.RunResult]:
+  """Trains one student per beta (default: finetune.betas); returns their results.
+
+  embedder / quality_model: the frozen evaluators; with neither given, the work
+  directory's (the quality model only scores the periodic evaluation).
+  """
+  wd = workdir_lib.of(workdir)
+  embedder, quality_model = evaluators.frozen_models(wd, embedder, quality_model)
   exp = experiment_lib.prepare(config, devices)
   results = {}
   f = exp.config.finetune
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
   prompts = heldout_prompts(exp)
-  reference = evaluate_lib.fidelity_reference(exp)
+  reference = measure.fidelity_reference(exp)
   for beta in (f.betas if betas is None else betas):
     def evaluate_fn(state, step):
-      return evaluate_lib.measure_system(
+      return measure.measure_system(
           lambda p, key: sampler.sample(state['params'], p, key, bounds=exp.length_bounds),
           prompts, f.eval_k, embedder,
           quality_model, jax.random.key(exp.config.seed + 7), ngram=exp.config.evaluate.ngram,
           reference=reference)
-    task = make_task(exp, workdir, float(beta), embedder, evaluate_fn)
-    out_dir = student_dir(workdir, float(beta))
+    task = make_task(exp, wd, float(beta), embedder, evaluate_fn)
+    out_dir = wd.student(beta)
     results[beta] = training.run(task, f, exp.config, out_dir, exp.mesh, exp.rules,
                                  progress=progress)
     report_convergence(out_dir, task.name, f)
@@ -218,6 +205,6 @@ def report_convergence(out_dir: str, name: str, f) -> dict:
   verdict = convergence.check(convergence.run_metrics(out_dir), f)
   if jax.process_index() == 0:
     print(convergence.describe(name, verdict))
-    with open(os.path.join(out_dir, 'convergence.json'), 'w') as fh:
+    with open(workdir_lib.convergence_file(out_dir), 'w') as fh:
       json.dump(verdict, fh, indent=1)
   return verdict

@@ -3,10 +3,12 @@
     python -m diverse_cfg.main --stage=pretrain --config=configs/essen.py:smoke --workdir=/tmp/run
     python -m diverse_cfg.main --config=configs/essen.py:cpu --workdir=/tmp/run --config.train.lr=1e-3
 
-Each stage writes under its own subdirectory of --workdir (e.g. DIR/pretrain)
-and resumes from it automatically when started again.
+--workdir is the root of one experiment; each stage reads and writes its own
+subdirectory (workdir.py: DIR/pretrain, DIR/students/beta_0, ...) and resumes
+from it automatically when started again. Every stage is run(config, workdir)
+in its module; STAGES maps the --stage names to them.
 
-Sampling from any checkpoint (diverse_cfg/sample.py; no --config, the checkpoint has it):
+Sampling from any checkpoint (diverse_cfg/sample_cli.py; no --config, the checkpoint has it):
 
     python -m diverse_cfg.main --stage=sample --checkpoint=/tmp/run/pretrain --gamma=3 \
         --prompt=region=german_speaking,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
@@ -20,7 +22,7 @@ command plus --distributed=auto (TPU pod, SLURM: JAX reads the environment) or
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import time
 
 from absl import app
@@ -28,17 +30,28 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from diverse_cfg import checkpoints
 from diverse_cfg import config_lib
 from diverse_cfg import distributed
+from diverse_cfg import evaluate
+from diverse_cfg import finetune
+from diverse_cfg import merge
+from diverse_cfg import pretrain
+from diverse_cfg import sample_cli
+from diverse_cfg.evaluators import classifier
+from diverse_cfg.evaluators import embedder
 
 log = logging.getLogger('diverse_cfg')
 
-PIPELINE = ('pretrain', 'embedder', 'classifier', 'finetune', 'merge', 'evaluate')
-STAGES = PIPELINE + ('all', 'sample')
+# The pipeline in order: each stage is run(config, workdir). The evaluators read real data only.
+STAGES = {'pretrain': pretrain.run, 'embedder': embedder.run, 'classifier': classifier.run,
+          'finetune': finetune.run, 'merge': merge.run, 'evaluate': evaluate.run}
+PIPELINE = tuple(STAGES)
+COMMANDS = PIPELINE + ('all', 'sample')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (checkpoints, metrics, reports).')
-_STAGE = flags.DEFINE_enum('stage', 'pretrain', STAGES, 'Which stage to run.')
+_STAGE = flags.DEFINE_enum('stage', 'pretrain', COMMANDS, 'Which stage to run.')
 
 # Multi-process launch; unset flags fall back to the DIVERSE_CFG_* environment variables.
 _DISTRIBUTED = flags.DEFINE_enum('distributed', None, distributed.MODES,
@@ -52,10 +65,10 @@ _DIST_TIMEOUT = flags.DEFINE_integer('distributed_timeout_s', None,
 _CLUSTER = flags.DEFINE_string('cluster_detection_method', None,
                                "auto only: force JAX's detector (slurm, gcetpu, ...).")
 
-# --stage=sample (diverse_cfg/sample.py).
+# --stage=sample (diverse_cfg/sample_cli.py).
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None,
-    'sample: a stage dir (DIR/pretrain, DIR/students/beta_0, DIR/merged/lambda_0.5).')
+    'sample: a run dir (DIR/pretrain, DIR/students/beta_0, DIR/merged/lambda_0.5).')
 _MERGE_WITH = flags.DEFINE_string('merge_with', None, 'sample: a second checkpoint to LERP with.')
 _MERGE_LAMBDA = flags.DEFINE_float('merge_lambda', 0.5, 'sample: (1-l) checkpoint + l merge_with.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'sample: attribute=value,... (repeatable).')
@@ -78,52 +91,32 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'sample: the dataset dir, if i
 
 
 def run_stage(stage: str, config, workdir: str):
-  if stage == 'pretrain':
-    from diverse_cfg import pretrain  # pylint: disable=g-import-not-at-top
-    return pretrain.run(config, os.path.join(workdir, 'pretrain'))
-  if stage == 'embedder':  # the frozen evaluators; they read real data only
-    from diverse_cfg.evaluators import embedder  # pylint: disable=g-import-not-at-top
-    return embedder.run(config, os.path.join(workdir, 'embedder'))
-  if stage == 'classifier':
-    from diverse_cfg.evaluators import classifier  # pylint: disable=g-import-not-at-top
-    return classifier.run(config, os.path.join(workdir, 'classifier'))
-  if stage in ('finetune', 'evaluate'):
-    from diverse_cfg import evaluators  # pylint: disable=g-import-not-at-top
-    embedder = evaluators.load_embedder(os.path.join(workdir, 'embedder'))
-    quality_model = evaluators.load_quality_model(os.path.join(workdir, 'classifier'))
-    if stage == 'finetune':
-      from diverse_cfg import finetune  # pylint: disable=g-import-not-at-top
-      return finetune.run(config, workdir, embedder, quality_model)
-    from diverse_cfg import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.run(config, workdir, embedder, quality_model)
-  if stage == 'merge':
-    from diverse_cfg import merge  # pylint: disable=g-import-not-at-top
-    return merge.run(config, workdir)
-  if stage == 'all':  # the whole pipeline; finished stages are reused
-    for s in PIPELINE:
-      start = time.perf_counter()
-      run_stage(s, config, workdir)
-      log.info('stage %s done in %.1f s', s, time.perf_counter() - start)
-    return None
-  raise ValueError(f'unknown stage {stage!r}; choose from {STAGES}')
+  """One stage of the pipeline, or all of them in order ('all'; finished stages are reused)."""
+  if stage not in STAGES and stage != 'all':
+    raise ValueError(f'unknown stage {stage!r}; choose from {COMMANDS}')
+  for name in PIPELINE if stage == 'all' else (stage,):
+    start = time.perf_counter()
+    STAGES[name](config, workdir)
+    log.info('stage %s done in %.1f s', name, time.perf_counter() - start)
 
 
 def sample_stage():
-  from diverse_cfg import sample  # pylint: disable=g-import-not-at-top
   if not _CHECKPOINT.value:
     raise app.UsageError('--stage=sample needs --checkpoint=DIR (e.g. DIR/students/beta_0)')
   if _CONFIG.value is not None:
     log.warning('--stage=sample takes the model config from the checkpoint; --config is unused')
-  try:
-    return sample.run(_CHECKPOINT.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
-                      gamma=_GAMMA.value, plausibility=_PLAUSIBILITY.value,
-                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                      min_length=_MIN_LENGTH.value, max_length=_MAX_LENGTH.value,
-                      seed=_SEED.value, out_dir=_OUT_DIR.value, merge_with=_MERGE_WITH.value,
-                      merge_lambda=_MERGE_LAMBDA.value, mesh=_MESH.value,
-                      data_dir=_DATA_DIR.value, workdir=_WORKDIR.value)
-  except sample.SampleArgumentError as e:
-    raise app.UsageError(str(e)) from e
+  return sample_cli.run(_CHECKPOINT.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
+                        gamma=_GAMMA.value, plausibility=_PLAUSIBILITY.value,
+                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                        min_length=_MIN_LENGTH.value, max_length=_MAX_LENGTH.value,
+                        seed=_SEED.value, out_dir=_OUT_DIR.value, merge_with=_MERGE_WITH.value,
+                        merge_lambda=_MERGE_LAMBDA.value, mesh=_MESH.value,
+                        data_dir=_DATA_DIR.value, workdir=_WORKDIR.value)
+
+
+# A user's mistake (a config, a checkpoint path, a prompt, a launch setting): one line, no traceback.
+USER_ERRORS = (config_lib.ConfigError, checkpoints.CheckpointError, sample_cli.SampleArgumentError,
+               distributed.DistributedConfigError)
 
 
 def main(argv):
@@ -138,15 +131,13 @@ def main(argv):
     distributed.initialize(distributed.resolve(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         _DIST_TIMEOUT.value, _CLUSTER.value))
-  except distributed.DistributedConfigError as e:
-    raise app.UsageError(str(e)) from e
-  try:
     if _STAGE.value == 'sample':
       sample_stage()
     else:
       run_stage(_STAGE.value, _CONFIG.value, _WORKDIR.value)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from e
+  except USER_ERRORS as e:  # the message names the problem; the flags' help would bury it
+    print(f'diverse_cfg: error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

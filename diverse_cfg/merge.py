@@ -11,15 +11,13 @@ students of the smallest and the largest finetune.betas.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from diverse_cfg import checkpoints
 from diverse_cfg import experiment as experiment_lib
-from diverse_cfg import finetune
 from diverse_cfg import model as model_lib
+from diverse_cfg import workdir as workdir_lib
 
 
 class ArchitectureMismatch(ValueError):
@@ -49,30 +47,27 @@ def merge_params(params_a, params_b, lam: float):
   return jax.tree.map(lerp, params_a, params_b)
 
 
-def merged_dir(workdir: str, lam: float) -> str:
-  return os.path.join(workdir, 'merged', f'lambda_{lam:g}')
-
-
-def load_students(exp: experiment_lib.Experiment, workdir: str):
+def load_students(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir):
   """(quality student params, diversity student params, their betas)."""
   betas = sorted(float(b) for b in exp.config.finetune.betas)
   lo, hi = betas[0], betas[-1]
-  dirs = [os.path.join(finetune.student_dir(workdir, b), 'checkpoints') for b in (lo, hi)]
+  dirs = [workdir_lib.checkpoints(workdir.student(b)) for b in (lo, hi)]
   check_same_architecture(checkpoints.read_config(dirs[0]), checkpoints.read_config(dirs[1]),
                           dirs[0], dirs[1])
-  pq, _ = finetune.restore_model_params(dirs[0], exp.model_cfg, exp.mesh, exp.rules)
-  pd, _ = finetune.restore_model_params(dirs[1], exp.model_cfg, exp.mesh, exp.rules)
+  pq, pd = (checkpoints.restore_model_params(d, exp.model_cfg, exp.mesh, exp.rules)[0]
+            for d in dirs)
   return pq, pd, (lo, hi)
 
 
-def run(config, workdir: str, devices=None) -> list[str]:
+def run(config, workdir: workdir_lib.WorkDir | str, devices=None) -> list[str]:
   """Writes one merged checkpoint (params + config) per lambda; returns their dirs."""
+  wd = workdir_lib.of(workdir)
   exp = experiment_lib.prepare(config, devices)
-  pq, pd, _ = load_students(exp, workdir)
+  pq, pd, _ = load_students(exp, wd)
   out = []
   for lam in exp.config.evaluate.lambdas:
-    path = merged_dir(workdir, float(lam))
-    ckpt = checkpoints.Checkpointer(os.path.join(path, 'checkpoints'), keep=1)
+    path = wd.merged(lam)
+    ckpt = checkpoints.Checkpointer(workdir_lib.checkpoints(path), keep=1)
     if ckpt.latest_step() is None:
       ckpt.save(0, {'params': merge_params(pq, pd, float(lam))}, exp.config,
                 extra={'task': 'merge', 'lambda': float(lam)}, force=True)

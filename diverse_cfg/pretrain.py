@@ -19,6 +19,7 @@ from diverse_cfg import packing
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import pipeline
 
 BATCH_KEYS = ('tokens', 'prompt')
@@ -111,7 +112,9 @@ def _eval_sums(cfg, params, tokens_BxT, prompt_BxC, mask_B):
   return jnp.stack([out[0], out[1], jnp.sum(mask_BxT)])
 
 
-def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
+def run(config, workdir: workdir_lib.WorkDir | str, devices=None,
+        progress: bool = True) -> training.RunResult:
+  """Trains the base model in DIR/pretrain."""
   exp = experiment_lib.prepare(config, devices)
-  return training.run(make_task(exp), exp.config.train, exp.config, workdir, exp.mesh,
-                      exp.rules, progress=progress)
+  return training.run(make_task(exp), exp.config.train, exp.config,
+                      workdir_lib.of(workdir).pretrain, exp.mesh, exp.rules, progress=progress)

@@ -33,6 +33,7 @@ import tqdm
 from diverse_cfg import checkpoints
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
+from diverse_cfg import workdir as workdir_lib
 
 
 log = logging.getLogger('diverse_cfg')
@@ -75,15 +76,15 @@ def finite_flags(**quantities) -> dict[str, jax.Array]:
 class MetricsWriter:
   """JSON lines + TensorBoard scalars, written by process 0 only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, run_dir: str):
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    os.makedirs(run_dir, exist_ok=True)
+    self.jsonl = open(workdir_lib.metrics_file(run_dir), 'a')
     try:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.tb = SummaryWriter(workdir_lib.tensorboard(run_dir))
     except ImportError:  # TensorBoard is optional; JSON lines always work
       self.tb = None
 
@@ -153,7 +154,7 @@ class Task:
   tokens_per_step: int = 0
   flops_per_step: float = 0.0
   # Replaces the random init on a fresh run (e.g. a student starting from the base model).
-  initial_state: Callable[[dict], dict] | None = None
+  warm_start: Callable[[dict], dict] | None = None
   # Frozen arrays the step reads (teacher, embedder): passed as a 4th jit argument, sharded,
   # rather than closed over (which would bake them into the program as constants).
   frozen: Any = None
@@ -168,21 +169,21 @@ class RunResult:
   preempted: bool = False
 
 
-def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str,
+def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigDict, run_dir: str,
         mesh: jax.sharding.Mesh, rules, progress: bool = True) -> RunResult:
-  """Trains `task` for t.num_steps steps, resuming from workdir if it has checkpoints."""
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep)
+  """Trains `task` for t.num_steps steps in run_dir, resuming from its checkpoints if any."""
+  os.makedirs(run_dir, exist_ok=True)
+  ckpt = checkpoints.Checkpointer(workdir_lib.checkpoints(run_dir), keep=t.keep)
   init_fn = functools.partial(task.init_state)
   abstract = sharding_lib.abstract_sharded(init_fn, mesh, rules, jax.random.key(config.seed))
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   step, state = ckpt.restore_latest(abstract, task.batches)
   if step is not None:
-    log.info('%s: resumed from step %d in %s', task.name, step, workdir)
+    log.info('%s: resumed from step %d in %s', task.name, step, run_dir)
   else:
     state, _ = sharding_lib.create_sharded(init_fn, mesh, rules, jax.random.key(config.seed))
-    if task.initial_state is not None:
-      state = task.initial_state(state)
+    if task.warm_start is not None:
+      state = task.warm_start(state)
     step = 0
 
   repl = sharding_lib.replicated(mesh)
@@ -194,7 +195,7 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
                       donate_argnums=0)
     frozen_args = () if task.frozen is None else (task.frozen,)
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(run_dir)
   preempt = Preemption()
   history: list[dict] = []
   pending: list[tuple[int, dict]] = []

@@ -21,6 +21,7 @@ from diverse_cfg.data import imported
 from diverse_cfg.data import melody
 from diverse_cfg.data import meta
 from diverse_cfg.data import pipeline
+from diverse_cfg.data import registry
 
 F = fractions.Fraction
 # Two small files of the real collection (36 tunes, about 3 s to parse).
@@ -34,7 +35,7 @@ def essen_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def essen_small(essen_dir):
-  return meta.load_dataset('essen_folk', essen_dir, **SUBSET)
+  return registry.load_dataset('essen_folk', essen_dir, **SUBSET)
 
 
 def _all_examples(sources):
@@ -235,11 +236,11 @@ def test_essen_build_is_cached_and_reproducible(essen_small, essen_dir,
   def fail(*a, **k):
     raise AssertionError('parsed again although the build is cached')
   monkeypatch.setattr(essen, 'parse_corpus', fail)
-  sources2, m2 = meta.load_dataset('essen_folk', essen_dir, **SUBSET)
+  sources2, m2 = registry.load_dataset('essen_folk', essen_dir, **SUBSET)
   assert m2 == m
   monkeypatch.undo()
   # A fresh build elsewhere writes identical records.
-  sources3, _ = meta.load_dataset('essen_folk', str(tmp_path), **SUBSET)
+  sources3, _ = registry.load_dataset('essen_folk', str(tmp_path), **SUBSET)
   def contents(src):
     return sorted((e['tune_id'], e['tokens'].tobytes(), e['prompt'].tobytes())
                   for e in (src[i] for i in range(len(src))))
@@ -254,7 +255,7 @@ def test_failed_essen_build_leaves_nothing(tmp_path, monkeypatch):
     raise RuntimeError('parse failed')
   monkeypatch.setattr(essen, 'parse_corpus', fail)
   with pytest.raises(RuntimeError, match='parse failed'):
-    meta.load_dataset('essen_folk', str(tmp_path), files=('teste.abc',))
+    registry.load_dataset('essen_folk', str(tmp_path), files=('teste.abc',))
   assert not list(tmp_path.iterdir())
 
 
@@ -309,7 +310,7 @@ def test_import_good_arrays(tmp_path):
   npz = tmp_path / 'my_tokens.npz'
   np.savez(npz, **arrays)
   data_dir = str(tmp_path / 'data')
-  sources, m = meta.load_dataset('imported', data_dir, npz_path=str(npz))
+  sources, m = registry.load_dataset('imported', data_dir, npz_path=str(npz))
   assert m.name == 'my_tokens' and not m.is_melody
   assert m.fixed_length == 0  # lengths vary
   assert (m.vocab_size, m.seq_len, m.prompt_len) == (53, 13, 2)
@@ -334,11 +335,11 @@ def test_import_good_arrays(tmp_path):
         arrays['prompts'][i].astype(np.int64).tobytes())
   assert seen == set(range(40))
   # Reloaded by name, readable exactly like essen_folk.
-  sources2, m2 = meta.load_dataset('my_tokens', data_dir)
+  sources2, m2 = registry.load_dataset('my_tokens', data_dir)
   assert m2 == m and {k: len(v) for k, v in sources2.items()} == {
       k: len(v) for k, v in sources.items()}
   with pytest.raises(ValueError, match='my_tokens'):
-    meta.load_dataset('nonexistent', data_dir)
+    registry.load_dataset('nonexistent', data_dir)
 
 
 def test_import_full_rows_shared_prompt_vocab_and_given_split(tmp_path):
@@ -349,7 +350,7 @@ def test_import_full_rows_shared_prompt_vocab_and_given_split(tmp_path):
   path = imported.import_npz(str(npz), 'shared', str(tmp_path / 'd'),
                              vocab_size=5, prompt_vocab_size=10,
                              split=np.array(['train', 'test', 'train', 'test']))
-  sources, m = meta.load_dataset('shared', str(tmp_path / 'd'))
+  sources, m = registry.load_dataset('shared', str(tmp_path / 'd'))
   assert path.endswith('imported_arrays/shared/1.0.0')
   assert m.attribute_offsets == (0, 0) and m.prompt_vocab_size == 10
   assert m.split_sizes == {'train': 2, 'validation': 0, 'test': 2}
@@ -380,14 +381,14 @@ def test_a_cached_import_refuses_a_fixed_length_option_it_was_not_built_with(tmp
   np.savez(npz, tokens=np.arange(30).reshape(5, 6) % 7, prompts=np.zeros((5, 1), np.int64),
            vocab_size=7, prompt_vocab_size=2)
   data_dir = str(tmp_path / 'data')
-  _, m = meta.load_dataset('imported', data_dir, npz_path=str(npz))
+  _, m = registry.load_dataset('imported', data_dir, npz_path=str(npz))
   assert m.fixed_length == 6
-  _, m = meta.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=True)
+  _, m = registry.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=True)
   assert m.fixed_length == 6
   with pytest.raises(ValueError, match='fixed_length=False but dataset .rows. in .* was imported '
                                        'with fixed_length=True'):
-    meta.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=False)
-  _, m = meta.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=False,
+    registry.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=False)
+  _, m = registry.load_dataset('imported', data_dir, npz_path=str(npz), fixed_length=False,
                            dataset_name='rows_free')
   assert m.fixed_length == 0
 
@@ -437,7 +438,7 @@ def test_import_rejects_bad_arrays_and_writes_nothing(tmp_path, kind, message):
   existing = tmp_path / 'existing'
   existing.mkdir()
   with pytest.raises(ValueError, match=message):
-    meta.load_dataset('imported', str(existing), npz_path=str(npz))
+    registry.load_dataset('imported', str(existing), npz_path=str(npz))
   assert not list(existing.iterdir())
 
 
@@ -465,7 +466,7 @@ def small_source(tmp_path_factory):
   d = tmp_path_factory.mktemp('pipe')
   arrays, _ = _good_arrays(n=80)
   np.savez(d / 'pipe.npz', **arrays)
-  sources, m = meta.load_dataset('imported', str(d / 'data'),
+  sources, m = registry.load_dataset('imported', str(d / 'data'),
                                  npz_path=str(d / 'pipe.npz'),
                                  split=np.zeros(80, np.int64))
   return sources['train'], m

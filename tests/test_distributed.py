@@ -15,10 +15,10 @@ import pytest
 
 import helpers
 from diverse_cfg import distributed
-from diverse_cfg import evaluators
 from diverse_cfg import finetune
 from diverse_cfg import pretrain
-from diverse_cfg import sample
+from diverse_cfg import sample_cli
+from diverse_cfg import workdir
 from diverse_cfg.evaluators import classifier
 from diverse_cfg.evaluators import embedder
 
@@ -163,7 +163,7 @@ def pretrained(tmp_path_factory):
   config = helpers.smoke_config(root, npz)
   config.data.data_dir = os.path.join(root, 'data_single')  # not racing the pair's import
   apply_overrides(config, PRETRAIN)
-  single = pretrain.run(config, os.path.join(root, 'single', 'pretrain'),
+  single = pretrain.run(config, os.path.join(root, 'single'),
                         devices=jax.devices()[:8], progress=False)
   print(f'2-process pretraining: {pair.wait():.1f} s wall')
   return {'root': root, 'npz': npz, 'config': config, 'single': single}
@@ -177,8 +177,8 @@ def test_two_processes_pretrain_like_one_and_their_checkpoint_restores_here(pret
   # The pair's checkpoint, restored in this one process on 8 devices and on 1.
   ckpt = os.path.join(root, 'pair', 'pretrain', 'checkpoints')
   assert sorted(os.listdir(ckpt)) == ['4']
-  on8 = sample.load(ckpt, devices=jax.devices()[:8]).params
-  on1 = sample.load(ckpt, devices=jax.devices()[:1]).params
+  on8 = sample_cli.load(ckpt, devices=jax.devices()[:8]).params
+  on1 = sample_cli.load(ckpt, devices=jax.devices()[:1]).params
   assert_trees_close(on8, single.state['params'])
   jax.tree.map(np.testing.assert_array_equal, on8, on1)
 
@@ -191,17 +191,14 @@ def test_two_processes_finetune_like_one(pretrained):
   for stage_lib, section in ((embedder, config.embedder), (classifier, config.classifier)):
     section.num_steps = section.log_every = section.eval_every = section.ckpt_every = 1
     name = stage_lib.__name__.rsplit('.', 1)[1]
-    stage_lib.run(config, os.path.join(single_dir, name), devices=jax.devices()[:8],
-                  progress=False)
+    stage_lib.run(config, single_dir, devices=jax.devices()[:8], progress=False)
     shutil.copytree(os.path.join(single_dir, name), os.path.join(pair_dir, name))
   pair = TwoProcesses(root, 'finetune', pair_dir, config_flags(root, npz, {**PRETRAIN, **FINETUNE}))
   apply_overrides(config, FINETUNE)
-  result = finetune.run(config, single_dir, evaluators.load_embedder(
-      os.path.join(single_dir, 'embedder')), evaluators.load_quality_model(
-          os.path.join(single_dir, 'classifier')), devices=jax.devices()[:8], progress=False)[8.0]
+  result = finetune.run(config, single_dir, devices=jax.devices()[:8], progress=False)[8.0]
   print(f'2-process finetuning: {pair.wait():.1f} s wall')
-  student = finetune.student_dir(pair_dir, 8.0)
+  student = workdir.WorkDir(pair_dir).student(8.0)
   assert_same_metrics(result.history, metric_rows(os.path.join(student, 'metrics.jsonl')),
                       ('loss', 'kl', 'reward/diversity', 'eval/diversity', 'eval/quality'))
-  restored = sample.load(student, devices=jax.devices()[:8]).params
+  restored = sample_cli.load(student, devices=jax.devices()[:8]).params
   assert_trees_close(restored, result.state['params'])

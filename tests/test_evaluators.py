@@ -19,6 +19,7 @@ from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
 from diverse_cfg.data import melody
 from diverse_cfg.data import meta as meta_lib
+from diverse_cfg.data import registry
 from diverse_cfg.evaluators import chunks
 from diverse_cfg.evaluators import classifier
 from diverse_cfg.evaluators import embedder as embedder_lib
@@ -45,9 +46,9 @@ def trained(tmp_path_factory):
   npz = helpers.synthetic_npz(str(root / 'arith.npz'))
   config = helpers.smoke_config(str(root), npz)
   devices = jax.devices()[:8]
-  runs = {name: lib.run(config, str(root / name), devices=devices, progress=False)
+  runs = {name: lib.run(config, str(root), devices=devices, progress=False)
           for name, lib in (('embedder', embedder_lib), ('classifier', classifier))}
-  sources, _ = meta_lib.load_dataset('imported', config.data.data_dir, npz_path=npz)
+  sources, _ = registry.load_dataset('imported', config.data.data_dir, npz_path=npz)
   test = stage.split_arrays(sources['test'], ('tokens', 'prompt'))
   return {'root': root, 'runs': runs, 'test': test, 'config': config,
           'embedder': evaluators.load_embedder(str(root / 'embedder')),
@@ -195,9 +196,9 @@ def test_training_loss_falls_and_heldout_figures_beat_chance(trained):
   for name in ('embedder', 'classifier'):
     losses = [h['loss'] for h in trained['runs'][name].history if 'loss' in h]
     assert losses[-1] < losses[0] - 0.3, (name, losses)
-  emb = json.load(open(trained['root'] / 'embedder' / stage.HELDOUT_FILE))
+  emb = json.load(open(trained['root'] / 'embedder' / "heldout.json"))
   assert emb['retrieval']['top1'] > 5 * emb['retrieval']['chance']
-  cls = json.load(open(trained['root'] / 'classifier' / stage.HELDOUT_FILE))
+  cls = json.load(open(trained['root'] / 'classifier' / "heldout.json"))
   for name, acc in cls['accuracy'].items():
     assert acc['accuracy'] > acc['majority_rate'], (name, acc)
   assert cls['quality']['own_prompts'] > cls['quality']['shuffled_prompts']
@@ -256,15 +257,15 @@ def test_classifier_starts_from_the_trained_embedders_encoder(trained):
   exp = classifier.prepare(copy.deepcopy(trained['config']), jax.devices()[:1])
   task = classifier.make_task(exp, str(root / 'embedder'))
   fresh, _ = sharding_lib.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
-  fresh = jax.tree.map(np.asarray, fresh)  # initial_state may reuse buffers
-  start = task.initial_state(fresh)
+  fresh = jax.tree.map(np.asarray, fresh)  # warm_start may reuse buffers
+  start = task.warm_start(fresh)
   jax.tree.map(np.testing.assert_array_equal, start['params']['encoder'],
                trained['embedder'].params['encoder'])
   for head in ('head', 'head_bias'):  # the heads stay as initialised
     np.testing.assert_array_equal(start['params'][head], fresh['params'][head])
   with pytest.raises(config_lib.ConfigError, match='needs the trained embedder of this work '
                      'directory: no checkpoint in'):
-    classifier.make_task(exp, str(root / 'nowhere')).initial_state(fresh)
+    classifier.make_task(exp, str(root / 'nowhere')).warm_start(fresh)
   config = copy.deepcopy(trained['config'])
   config.classifier.d_model, config.classifier.mlp_dim = 64, 96
   with pytest.raises(config_lib.ConfigError, match=r"init_from_embedder=True but the embedder in "

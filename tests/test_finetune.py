@@ -34,15 +34,15 @@ def base_run(tmp_path_factory):
   # 0.52x of that in these 40 steps; test_guidance checks that finetuning scores exactly the
   # distribution the CFG sampler draws from.
   config.guidance.plausibility = 0.0
-  pretrain.run(config, str(root / 'run' / 'pretrain'), devices=jax.devices()[:8], progress=False)
+  pretrain.run(config, str(root / 'run'), devices=jax.devices()[:8], progress=False)
   return config, str(root / 'run')
 
 
 def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
   config, workdir = base_run
   embedder = baselines.bag_of_events(VOCAB)  # a parameter-free user embedder
-  results = finetune.run(config, workdir, embedder, betas=(0.0, 20.0), devices=jax.devices()[:8],
-                         progress=False)
+  results = finetune.run(config, workdir, embedder=embedder, betas=(0.0, 20.0),
+                         devices=jax.devices()[:8], progress=False)
   kl0 = [h['kl'] for h in results[0.0].history if 'kl' in h]
   assert kl0[-1] < 0.5 * kl0[0], kl0  # the student moves onto the CFG teacher
   div = {b: [h['eval/diversity'] for h in r.history if 'eval/diversity' in h][-1]
@@ -69,7 +69,7 @@ def test_sigterm_during_finetuning_then_relaunch_equals_uninterrupted(base_run, 
     os.makedirs(tmp_path / name)
     os.symlink(os.path.join(workdir, 'pretrain'), tmp_path / name / 'pretrain')
   embedder = baselines.bag_of_events(VOCAB)
-  run = lambda name: finetune.run(config, str(tmp_path / name), embedder, betas=(8.0,),
+  run = lambda name: finetune.run(config, str(tmp_path / name), embedder=embedder, betas=(8.0,),
                                   devices=jax.devices()[:8], progress=False)[8.0]
   reference = run('reference')
   helpers.sigterm_on_batch(monkeypatch, pipeline, 5)

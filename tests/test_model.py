@@ -323,8 +323,8 @@ def test_valid_config_passes():
     (dict(mesh__data=-1, mesh__fsdp=-1), '(data and fsdp are)'),
     (dict(model__num_heads=5), 'model.num_heads'),
     (dict(model__d_model=20, model__num_heads=4), 'model.num_heads'),  # odd head dim: no rotary
-    (dict(sampling__gamma=-0.5), 'sampling.gamma'),
-    (dict(sampling__temperature=0.0), 'sampling.temperature'),
+    (dict(finetune__teacher_gamma=-0.5), 'finetune.teacher_gamma'),
+    (dict(evaluate__temperature=0.0), 'evaluate.temperature'),
     (dict(model__dtype='float16'), 'model.dtype'),
     (dict(model__prompt_dropout=1.0), 'model.prompt_dropout'),
     (dict(classifier__class_balance=-0.5), 'classifier.class_balance'),

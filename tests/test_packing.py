@@ -1,7 +1,6 @@
 """Packing: the plan, and every sequence of a packed batch gets exactly what it gets alone."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -27,7 +27,7 @@ def test_loss_falls_checkpoints_written_and_resume_continues(tmp_path, npz):
   losses = [h['loss'] for h in first.history if 'loss' in h]
   assert losses[-1] < losses[0] - 0.3, losses
   assert first.history[-1]['val/loss'] < np.log(23)  # below uniform over the vocabulary
-  ckpt_dir = tmp_path / 'run' / 'checkpoints'
+  ckpt_dir = tmp_path / 'run' / 'pretrain' / 'checkpoints'
   assert sorted(os.listdir(ckpt_dir)) == ['10']
   saved = checkpoints.restore_params(str(ckpt_dir), jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), first.state['params']))
@@ -47,7 +47,7 @@ def test_sigterm_then_relaunch_equals_uninterrupted_run(tmp_path, npz, monkeypat
   helpers.sigterm_on_batch(monkeypatch, pipeline, 7)
   interrupted = _run(tmp_path, npz, 'preempted', num_steps=20)
   assert interrupted.preempted and interrupted.step == 7
-  assert sorted(os.listdir(tmp_path / 'preempted' / 'checkpoints')) == ['7']
+  assert sorted(os.listdir(tmp_path / 'preempted' / 'pretrain' / 'checkpoints')) == ['7']
   monkeypatch.undo()
   resumed = _run(tmp_path, npz, 'preempted', num_steps=20)
   assert resumed.step == 20 and not resumed.preempted

@@ -14,6 +14,7 @@ import pytest
 
 import helpers
 from diverse_cfg import checkpoints
+from diverse_cfg import experiment
 from diverse_cfg import pretrain
 from diverse_cfg import training
 
@@ -34,14 +35,14 @@ def _run(tmp_path, npz, **train):
 def _saved_params(tmp_path, step, like):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           like)
-  return checkpoints.restore_params(str(tmp_path / 'run' / 'checkpoints'), abstract, step)
+  return checkpoints.restore_params(str(tmp_path / 'run' / 'pretrain' / 'checkpoints'), abstract, step)
 
 
 def test_non_finite_loss_stops_with_step_and_quantity_and_saves_nothing_bad(tmp_path, npz):
   _, good = _run(tmp_path, npz, num_steps=10)
   with pytest.raises(training.NonFiniteError, match=r'non-finite .*(loss|grad_norm).* at step 1[1-5]'):
     _run(tmp_path, npz, num_steps=20, lr=1e30, warmup_steps=0, log_every=1)
-  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['10']
+  assert sorted(os.listdir(tmp_path / 'run' / 'pretrain' / 'checkpoints')) == ['10']
   saved = _saved_params(tmp_path, 10, good.state['params'])
   jax.tree.map(np.testing.assert_array_equal, saved, good.state['params'])
 
@@ -54,7 +55,7 @@ def _corrupt(step_dir):
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, npz, caplog):
   _, first = _run(tmp_path, npz, num_steps=20)
-  ckpt_dir = tmp_path / 'run' / 'checkpoints'
+  ckpt_dir = tmp_path / 'run' / 'pretrain' / 'checkpoints'
   assert sorted(os.listdir(ckpt_dir)) == ['10', '20']
   _corrupt(str(ckpt_dir / '20'))
   _, resumed = _run(tmp_path, npz, num_steps=20)
@@ -71,7 +72,7 @@ def test_checkpoint_of_another_architecture_is_named(tmp_path, npz):
   config.model.d_model = 64
   with pytest.raises(checkpoints.IncompatibleCheckpoint, match=r'shape \(\d+, 32\) .* needs \(\d+, 64\)'):
     pretrain.run(config, str(tmp_path / 'run'), devices=jax.devices()[:8], progress=False)
-  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['10']  # nothing moved or lost
+  assert sorted(os.listdir(tmp_path / 'run' / 'pretrain' / 'checkpoints')) == ['10']  # nothing moved or lost
 
 
 def _launch(workdir, config_args):
@@ -118,10 +119,9 @@ def test_sigkill_at_arbitrary_moments_never_prevents_resuming(tmp_path, npz):
   _, err = reference.communicate(timeout=300)
   assert reference.returncode == 0, err.decode()[-3000:]
   config = helpers.smoke_config(str(tmp_path), npz)
-  from diverse_cfg import experiment, finetune
   exp = experiment.prepare(config, jax.devices()[:1])
-  got, _ = finetune.restore_model_params(os.path.join(workdir, 'pretrain', 'checkpoints'),
-                                         exp.model_cfg, exp.mesh, exp.rules)
-  want, _ = finetune.restore_model_params(str(tmp_path / 'reference' / 'pretrain' / 'checkpoints'),
-                                          exp.model_cfg, exp.mesh, exp.rules)
+  got, _ = checkpoints.restore_model_params(os.path.join(workdir, 'pretrain', 'checkpoints'),
+                                            exp.model_cfg, exp.mesh, exp.rules)
+  want, _ = checkpoints.restore_model_params(
+      str(tmp_path / 'reference' / 'pretrain' / 'checkpoints'), exp.model_cfg, exp.mesh, exp.rules)
   jax.tree.map(np.testing.assert_array_equal, got, want)

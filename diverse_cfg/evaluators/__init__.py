@@ -22,10 +22,12 @@ embedder, plugs in as
 
     Embedder(apply=lambda _, tokens_BxT: my_unit_vectors(tokens_BxT), params={})
 
-Trained ones load from a stage's work directory onto any mesh:
+Trained ones load from their run directory onto any mesh:
 
     load_embedder(DIR/embedder, mesh=None, rules=None) -> Embedder
     load_quality_model(DIR/classifier, mesh=None, rules=None) -> QualityModel
+    frozen_models(WorkDir(DIR), embedder=None, quality_model=None) -> both, the work
+        directory's unless given
 
 Measures (metrics.py):
 
@@ -62,3 +64,10 @@ from diverse_cfg.evaluators.metrics import pairwise_dissimilarity
 from diverse_cfg.evaluators.metrics import quality
 from diverse_cfg.evaluators.metrics import retrieval_accuracy
 from diverse_cfg.evaluators.metrics import shared_ngram_fraction
+
+
+def frozen_models(workdir, embedder=None, quality_model=None):
+  """(embedder, quality model): the ones given, else, when neither is, the work directory's."""
+  if embedder is None and quality_model is None:
+    return load_embedder(workdir.embedder), load_quality_model(workdir.classifier)
+  return embedder, quality_model

@@ -16,7 +16,6 @@ prompt_vocab_size classes each.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ from diverse_cfg import config_lib
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import pipeline
 from diverse_cfg.evaluators import embedder as embedder_lib
 from diverse_cfg.evaluators import encoder
@@ -153,12 +153,12 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
   offsets, names = tuple(cl.prompt_offsets), tuple(cl.attribute_names)
   tx, schedule = training.make_optimizer(cl)
   init_state = training.init_state_fn(encoder.init_fn(net), tx)
-  initial_state = None
+  warm_start = None
   if cl.init_from_embedder:
     if embedder_dir is None:
       raise ValueError('config.classifier.init_from_embedder=True: pass embedder_dir')
 
-    def initial_state(state):  # a fresh run only: the encoder is the embedder's, the heads new
+    def warm_start(state):  # a fresh run only: the encoder is the embedder's, the heads new
       return {'params': {**state['params'], 'encoder': embedder_encoder_params(exp, embedder_dir)},
               'opt_state': state['opt_state']}
 
@@ -209,7 +209,7 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
                                         batch_sharding, keys=BATCH_KEYS)
   tokens_per_step = cl.batch_size * config.model.seq_len
   return training.Task(
-      name='classifier', init_state=init_state, initial_state=initial_state,
+      name='classifier', init_state=init_state, warm_start=warm_start,
       train_step=train_step, batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * net.cfg.flops_per_token(config.model.seq_len, True))
@@ -236,24 +236,26 @@ def prepare(config, devices=None) -> experiment_lib.Experiment:
   return exp
 
 
-def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
-  """Trains in workdir (DIR/classifier); init_from_embedder reads DIR/embedder next to it."""
+def run(config, workdir: workdir_lib.WorkDir | str, devices=None,
+        progress: bool = True) -> training.RunResult:
+  """Trains in DIR/classifier (init_from_embedder reads DIR/embedder); held-out figures to
+  its heldout.json."""
+  wd = workdir_lib.of(workdir)
   exp = prepare(config, devices)
-  embedder_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), 'embedder')
-  result = training.run(make_task(exp, embedder_dir), exp.config.classifier, exp.config, workdir,
-                        exp.mesh, exp.rules, progress=progress)
+  result = training.run(make_task(exp, wd.embedder), exp.config.classifier, exp.config,
+                        wd.classifier, exp.mesh, exp.rules, progress=progress)
   if not result.preempted:
     split = stage.heldout_split(exp.sources)
     data = stage.split_arrays(exp.sources[split], BATCH_KEYS)
     figures = {'split': split, **heldout_figures(
         make_quality_model(exp.config, result.state['params']), data['tokens'], data['prompt'],
         exp.config.classifier.batch_size, exp.config.seed)}
-    stage.write_heldout(workdir, result.step, figures)
+    stage.write_heldout(wd.classifier, result.step, figures)
     result.history.append({'step': result.step, **stage.flatten(figures, 'test/')})
   return result
 
 
-def load_quality_model(stage_dir: str, mesh=None, rules=None) -> interface.QualityModel:
+def load_quality_model(run_dir: str, mesh=None, rules=None) -> interface.QualityModel:
   """The trained classifier of a stage directory (DIR/classifier) as a QualityModel."""
-  config, params = stage.restore(stage_dir, lambda c: encoder.init_fn(build_net(c)), mesh, rules)
+  config, params = stage.restore(run_dir, lambda c: encoder.init_fn(build_net(c)), mesh, rules)
   return make_quality_model(config, params)

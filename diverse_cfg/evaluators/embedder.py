@@ -23,6 +23,7 @@ from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import model as model_lib
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import pipeline
 from diverse_cfg.evaluators import chunks
 from diverse_cfg.evaluators import encoder
@@ -146,9 +147,12 @@ def prepare(config, devices=None) -> experiment_lib.Experiment:
   return exp
 
 
-def run(config, workdir: str, devices=None, progress: bool = True) -> training.RunResult:
+def run(config, workdir: workdir_lib.WorkDir | str, devices=None,
+        progress: bool = True) -> training.RunResult:
+  """Trains in DIR/embedder; held-out figures to its heldout.json."""
+  run_dir = workdir_lib.of(workdir).embedder
   exp = prepare(config, devices)
-  result = training.run(make_task(exp), exp.config.embedder, exp.config, workdir, exp.mesh,
+  result = training.run(make_task(exp), exp.config.embedder, exp.config, run_dir, exp.mesh,
                         exp.rules, progress=progress)
   if not result.preempted:
     split = stage.heldout_split(exp.sources)
@@ -157,15 +161,15 @@ def run(config, workdir: str, devices=None, progress: bool = True) -> training.R
     trained = make_embedder(build_net(exp.config), result.state['params'])
     figures = {'split': split, **heldout_figures(trained, tokens, e.chunk_len, e.batch_size,
                                                  exp.config.seed)}
-    stage.write_heldout(workdir, result.step, figures)
+    stage.write_heldout(run_dir, result.step, figures)
     result.history.append({'step': result.step, **stage.flatten(figures, 'test/')})
   return result
 
 
-def load_embedder(stage_dir: str, mesh=None, rules=None) -> interface.Embedder:
+def load_embedder(run_dir: str, mesh=None, rules=None) -> interface.Embedder:
   """The trained embedder of a stage directory (DIR/embedder), params laid out on `mesh`.
 
   mesh=None: one device. The returned apply is pure and jittable.
   """
-  config, params = stage.restore(stage_dir, lambda c: encoder.init_fn(build_net(c)), mesh, rules)
+  config, params = stage.restore(run_dir, lambda c: encoder.init_fn(build_net(c)), mesh, rules)
   return make_embedder(build_net(config), params)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,12 +20,11 @@ from diverse_cfg import checkpoints
 from diverse_cfg import config_lib
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import meta as meta_lib
 from diverse_cfg.data import pipeline
 
 log = logging.getLogger('diverse_cfg')
-
-HELDOUT_FILE = 'heldout.json'
 
 
 def split_arrays(source, keys: Sequence[str], max_rows: int = 0) -> dict[str, np.ndarray]:
@@ -79,13 +77,13 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, float]:
   return out
 
 
-def write_heldout(workdir: str, step: int, figures: dict) -> None:
-  """heldout.json in the stage's work directory, and the same numbers as test/* metrics."""
+def write_heldout(run_dir: str, step: int, figures: dict) -> None:
+  """heldout.json in the evaluator's run directory, and the same numbers as test/* metrics."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, HELDOUT_FILE), 'w') as f:
+  with open(workdir_lib.heldout_file(run_dir), 'w') as f:
     json.dump({'step': step, **figures}, f, indent=2)
-  writer = training.MetricsWriter(workdir)
+  writer = training.MetricsWriter(run_dir)
   writer.write(step, flatten(figures, 'test/'))
   writer.close()
 
@@ -102,14 +100,14 @@ def default_mesh(mesh, rules, config: ml_collections.ConfigDict):
   return mesh, rules
 
 
-def restore(stage_dir: str, init_for: Callable[[ml_collections.ConfigDict], Callable], mesh=None,
+def restore(run_dir: str, init_for: Callable[[ml_collections.ConfigDict], Callable], mesh=None,
             rules=None) -> tuple[ml_collections.ConfigDict, Any]:
-  """(trained config, params on `mesh`) from the latest checkpoint of a stage directory.
+  """(trained config, params on `mesh`) from the latest checkpoint of a run directory.
 
   init_for(config) returns the key -> boxed params function of the network
   the config describes; its logical names give the params' shardings.
   """
-  ckpt_dir = os.path.join(stage_dir, 'checkpoints')
+  ckpt_dir = workdir_lib.checkpoints(run_dir)
   config = checkpoints.read_config(ckpt_dir)
   mesh, rules = default_mesh(mesh, rules, config)
   abstract = sharding_lib.abstract_sharded(init_for(config), mesh, rules, jax.random.key(0))

@@ -1,4 +1,4 @@
-"""Samples from any checkpoint, on whatever devices are present.
+"""The sample command: samples from any checkpoint, on whatever devices are present.
 
     python -m diverse_cfg.main --stage=sample --checkpoint=DIR/students/beta_0 \
         --prompt=region=german_speaking,meter=3/4,mode=major --num_samples=4 --out_dir=/tmp/samples
@@ -6,7 +6,7 @@
     diverse-cfg sample --checkpoint=DIR/students/beta_0 --merge_with=DIR/students/beta_8 \
         --merge_lambda=0.5 --prompt=...                                      (merged on the fly)
 
---checkpoint is a stage directory (DIR/pretrain, DIR/students/beta_X,
+--checkpoint is a run directory (DIR/pretrain, DIR/students/beta_X,
 DIR/merged/lambda_Y) or its checkpoints/ subdirectory. Everything else comes
 from the checkpoint: the model config it was trained with, and the dataset's
 vocabularies through its data config (--data_dir when the data moved). The
@@ -43,13 +43,14 @@ import numpy as np
 from diverse_cfg import checkpoints
 from diverse_cfg import config_lib
 from diverse_cfg import experiment as experiment_lib
-from diverse_cfg import finetune
+from diverse_cfg import measure
 from diverse_cfg import merge as merge_lib
 from diverse_cfg import model as model_lib
-from diverse_cfg import renderers
+from diverse_cfg import report
 from diverse_cfg import sampling
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
+from diverse_cfg import workdir as workdir_lib
 
 log = logging.getLogger('diverse_cfg')
 
@@ -59,24 +60,16 @@ class SampleArgumentError(ValueError):
 
 
 def checkpoint_dir(path: str, workdir: str | None = None) -> str:
-  """The Orbax directory of a stage directory (or the directory itself if it is one).
+  """The Orbax directory of a run directory (or the directory itself if it is one).
 
   A relative path that does not exist is looked up under workdir.
   """
-  if workdir and not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(workdir, path)
-  nested = os.path.join(path, 'checkpoints')
-  if os.path.isdir(nested):
-    return nested
-  if os.path.isdir(path):
-    return path
-  raise checkpoints.CheckpointError(
-      f'no checkpoint directory at {path}: give a stage directory such as DIR/pretrain, '
-      'DIR/students/beta_0 or DIR/merged/lambda_0.5')
-
-
-def stage_dir(ckpt_dir: str) -> str:
-  return os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == 'checkpoints' else ckpt_dir
+  found = workdir_lib.find_checkpoints(path, workdir)
+  if found is None:
+    raise checkpoints.CheckpointError(
+        f'no checkpoint directory at {path}: give a run directory such as DIR/pretrain, '
+        'DIR/students/beta_0 or DIR/merged/lambda_0.5')
+  return found
 
 
 def parse_mesh(spec: str) -> tuple[int, int, int]:
@@ -150,14 +143,14 @@ def load(checkpoint: str, *, merge_with: str | None = None, merge_lambda: float 
     config.data.data_dir = data_dir
   model_cfg = model_lib.ModelConfig.from_config(config.model)
   jax_mesh, rules = sampling_mesh(config.mesh, devices, mesh)
-  params, _ = finetune.restore_model_params(ckpt_dir, model_cfg, jax_mesh, rules)
+  params, _ = checkpoints.restore_model_params(ckpt_dir, model_cfg, jax_mesh, rules)
   description = {'checkpoint': os.path.abspath(ckpt_dir),
                  'mesh': {k: int(v) for k, v in jax_mesh.shape.items()}}
   if merge_with:
     other_dir = checkpoint_dir(merge_with, workdir)
     merge_lib.check_same_architecture(config, checkpoints.read_config(other_dir), ckpt_dir,
                                       other_dir)
-    other, _ = finetune.restore_model_params(other_dir, model_cfg, jax_mesh, rules)
+    other, _ = checkpoints.restore_model_params(other_dir, model_cfg, jax_mesh, rules)
     params = merge_lib.merge_params(params, other, float(merge_lambda))
     description.update(merge_with=os.path.abspath(other_dir), merge_lambda=float(merge_lambda))
   _, meta = experiment_lib.load_data(config)
@@ -240,9 +233,10 @@ def generate(model: Model, prompts_PxC: np.ndarray, num_samples: int, *, gamma: 
 
 def write_outputs(meta, prompts_PxC, tokens_PxKxT, logprobs_PxKxT, out_dir: str,
                   settings: dict[str, Any], renderer: str = 'auto') -> str:
-  """samples.json, tokens.npy and each sample's files through the renderer (renderers.py:
+  """samples.json, tokens.npy and each sample's files through the renderer (report.py:
   MIDI/WAV/piano roll for melodies, a picture of the tokens otherwise); returns the json path."""
-  render = renderers.resolve(renderer, meta)
+  render = report.resolve_renderer(renderer, meta)
+  well_formed = measure.well_formed_check(meta)
   os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, 'tokens.npy'), np.asarray(tokens_PxKxT, np.int32))
   entries = []
@@ -256,9 +250,8 @@ def write_outputs(meta, prompts_PxC, tokens_PxKxT, logprobs_PxKxT, out_dir: str,
                'log_prob': float(np.sum(logprobs_PxKxT[p, k]))}
       files = render(np.asarray(row_T)[None], meta, os.path.join(out_dir, f'p{p}_s{k}'))
       entry['files'] = {ext: os.path.relpath(path, out_dir) for ext, path in files.items()}
-      if meta.is_melody:
-        from diverse_cfg.data import melody  # pylint: disable=g-import-not-at-top
-        entry['well_formed'] = melody.is_well_formed(row_T)
+      if well_formed is not None:
+        entry['well_formed'] = well_formed(row_T)
       entries.append(entry)
   path = os.path.join(out_dir, 'samples.json')
   with open(path, 'w') as f:
@@ -298,7 +291,7 @@ def run(checkpoint: str, prompts: Sequence[str], *, num_samples: int = 4, gamma:
   tokens, logprobs = generate(model, prompts_PxC, num_samples, gamma=gamma,
                               plausibility=plausibility, temperature=temperature, top_k=top_k,
                               seed=seed, bounds=bounds)
-  out_dir = out_dir or os.path.join(stage_dir(model.description['checkpoint']), 'samples')
+  out_dir = out_dir or workdir_lib.samples(workdir_lib.run_dir_of(model.description['checkpoint']))
   settings = {**model.description, 'gamma': gamma, 'guided': gamma != 1.0,
               'plausibility': plausibility, 'temperature': temperature, 'top_k': top_k,
               'min_length': int(bounds.min),

@@ -69,9 +69,9 @@ from diverse_cfg import sharding
 from diverse_cfg import training
 from diverse_cfg.data import meta as meta_lib
 
-from benchmarks.sampling import csv_list
-from benchmarks.sampling import library_info
-from benchmarks.sampling import write_json
+from benchmarks.common import csv_list
+from benchmarks.common import library_info
+from benchmarks.common import write_json
 
 GiB = 2 ** 30
 PROGRAMS = ('pretrain', 'finetune', 'student', 'cfg')

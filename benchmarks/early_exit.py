@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from benchmarks import sampling as bench
+from benchmarks.common import time_interleaved
 from diverse_cfg import checkpoints
 from diverse_cfg import evaluate
 from diverse_cfg import experiment as experiment_lib
@@ -57,7 +57,7 @@ def run(config, workdir: str, repeats: int) -> list[dict]:
                                          early_exit=early))
       fns[early] = functools.partial(jitted, params, prompt_BxC, key, sampling.as_traced(guidance),
                                      jnp.float32(e.temperature), jnp.int32(0), bounds)
-    times = bench.time_interleaved({'early_exit': fns[True], 'fixed': fns[False]}, repeats)
+    times = time_interleaved({'early_exit': fns[True], 'fixed': fns[False]}, repeats)
     tokens = {k: np.asarray(fns[k]()[0]) for k in (True, False)}
     real = int((tokens[True] != specials.PAD).sum())
     longest = int(((tokens[True] != specials.PAD).sum(axis=1)).max())

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from benchmarks import sampling as bench
+from benchmarks.common import time_interleaved
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
@@ -96,7 +96,7 @@ def measure(settings: dict, steps: int, extra=None) -> dict:
       with sharding.activate(mesh, rules):
         return call()
     calls[name] = activated
-  timing = bench.time_interleaved(calls, steps)
+  timing = time_interleaved(calls, steps)
   return {**{name: timing[name]['median_s'] for name in extra or {}},
           **{name: summarise(b, f, timing[name], m)
              for name, (b, f, _, _, _, m) in settings.items()}}

@@ -36,7 +36,7 @@ A forward hook counts the peer's forwards and fed rows x tokens per call (a
 check that the CFG branch really runs 2N forwards of B rows).
 
 Tokens/s counts the B * N generated tokens per call (uncond rows not counted).
-All four programs are timed round-robin (`benchmarks.sampling.time_interleaved`),
+All four programs are timed round-robin (`benchmarks.common.time_interleaved`),
 warm-up/compilation excluded, median of --repeats. XLA CPU uses all cores;
 torch gets torch.set_num_threads(--torch_threads, default os.cpu_count()).
 
@@ -57,8 +57,12 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.sampling import (PROMPT_LEN, PROMPT_VOCAB, SIZES, VOCAB, csv_list, load_avg, setup,
-                                 library_info, time_interleaved, write_json)
+from benchmarks.common import csv_list
+from benchmarks.common import library_info
+from benchmarks.common import load_avg
+from benchmarks.common import time_interleaved
+from benchmarks.common import write_json
+from benchmarks.sampling import PROMPT_LEN, PROMPT_VOCAB, SIZES, VOCAB, setup  # the same models
 from diverse_cfg import sampling
 from diverse_cfg import specials
 

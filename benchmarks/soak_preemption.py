@@ -115,7 +115,7 @@ def pace_steps(delay_s: float) -> None:
 
   The smoke model's finetuning step takes ~20 ms on CPU; real ones take seconds. The sleep
   sits in the prompt iterator's __next__ (the same subclassing trick as
-  tests/test_pretrain.py's preempting iterator; the grain state it checkpoints is unchanged),
+  tests/helpers.py's sigterm_on_batch; the grain state it checkpoints is unchanged),
   so that the parent's SIGTERM lands inside a step of the run rather than many steps later.
   """
   from diverse_cfg.data import pipeline  # pylint: disable=g-import-not-at-top

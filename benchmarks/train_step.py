@@ -56,7 +56,7 @@ from diverse_cfg import sharding
 from diverse_cfg import specials
 from diverse_cfg import training
 
-from benchmarks.sampling import csv_list
+from benchmarks.common import csv_list
 
 # name -> (layers, d_model, heads, mlp, vocab, seq_len, pretrain batch, finetune prompts, k, dtype)
 SIZES = {

@@ -54,32 +54,20 @@ def of(workdir: WorkDir | str) -> WorkDir:
   return workdir if isinstance(workdir, WorkDir) else WorkDir(os.fspath(workdir))
 
 
+def _in_run_dir(name: str, doc: str):
+  def path(run_dir: str) -> str:
+    return os.path.join(run_dir, name)
+  path.__doc__ = doc
+  return path
+
+
 # Inside a run directory.
-def checkpoints(run_dir: str) -> str:
-  return os.path.join(run_dir, 'checkpoints')
-
-
-def metrics_file(run_dir: str) -> str:
-  return os.path.join(run_dir, 'metrics.jsonl')
-
-
-def tensorboard(run_dir: str) -> str:
-  return os.path.join(run_dir, 'tensorboard')
-
-
-def heldout_file(run_dir: str) -> str:
-  """An evaluator's held-out figures."""
-  return os.path.join(run_dir, 'heldout.json')
-
-
-def convergence_file(run_dir: str) -> str:
-  """A student's convergence verdict."""
-  return os.path.join(run_dir, 'convergence.json')
-
-
-def samples(run_dir: str) -> str:
-  """Where `sample` writes by default."""
-  return os.path.join(run_dir, 'samples')
+checkpoints = _in_run_dir('checkpoints', 'Orbax checkpoints, each step with its config.')
+metrics_file = _in_run_dir('metrics.jsonl', 'The logged metrics, one JSON object per line.')
+tensorboard = _in_run_dir('tensorboard', 'The same metrics for TensorBoard.')
+heldout_file = _in_run_dir('heldout.json', "An evaluator's held-out figures.")
+convergence_file = _in_run_dir('convergence.json', "A student's convergence verdict.")
+samples = _in_run_dir('samples', 'Where `sample` writes by default.')
 
 
 def run_dir_of(ckpt_dir: str) -> str:

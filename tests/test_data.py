@@ -189,6 +189,27 @@ def test_attribute_rules():
   assert essen.mode_of(0, 65) == 'other'  # lydian
 
 
+def test_parsing_without_beaming_or_tie_copies_gives_the_same_records():
+  """The build skips music21's engraving beams and merges ties in place: the same records as
+  the plain reader (the whole corpus was compared too: BENCHMARKS.md)."""
+  from music21 import stream  # pylint: disable=g-import-not-at-top
+  make_beams = stream.Stream.makeBeams
+  for name in ('kinder0.abc', 'erk5.abc'):
+    fast = essen.parse_file(name, max_tunes=6)
+    assert stream.Stream.makeBeams is make_beams  # music21 is left as it was
+    real_notes_of = melody._notes_of
+    try:  # the plain path: beams made, ties merged in a copy
+      melody._notes_of = lambda s, in_place=False: real_notes_of(s, in_place=False)
+      plain = essen._parse_tunes(name, max_tunes=6)
+    finally:
+      melody._notes_of = real_notes_of
+    assert len(fast) == len(plain) == 6
+    for a, b in zip(fast, plain):
+      assert a.keys() == b.keys() and a['skip'] == b['skip']
+      assert np.array_equal(a.get('tokens', []), b.get('tokens', [])), a['tune_id']
+      assert (a.get('sharps'), a.get('final_midi')) == (b.get('sharps'), b.get('final_midi'))
+
+
 def test_essen_examples_have_the_documented_layout(essen_small):
   sources, m = essen_small
   assert m.name == 'essen_folk' and m.is_melody

@@ -1,41 +1,20 @@
-"""Finetuning on a tiny problem: beta = 0 distils the CFG teacher; beta > 0 adds diversity."""
+"""Finetuning on a tiny problem: beta = 0 distils the CFG teacher; beta > 0 adds diversity.
+
+The base model is conftest.py's base_run.
+"""
 
 import os
 
 import jax
 import numpy as np
-import pytest
 
 import helpers
 from diverse_cfg import finetune
 from diverse_cfg import merge
-from diverse_cfg import pretrain
 from diverse_cfg.data import pipeline
 from diverse_cfg.evaluators import baselines
 
 VOCAB = 23  # the synthetic dataset's 20 events + 3 specials
-
-
-@pytest.fixture(scope='module')
-def base_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp('ft')
-  npz = helpers.synthetic_npz(str(root / 'arith.npz'))
-  config = helpers.smoke_config(str(root), npz, num_steps=60, lr=3e-3, eval_every=60,
-                                ckpt_every=60)
-  config.finetune.num_steps = 40
-  config.finetune.batch_size = 8
-  config.finetune.lr = 1e-3
-  config.finetune.log_every = 5
-  config.finetune.eval_every = 40
-  config.finetune.ckpt_every = 40
-  config.finetune.eval_prompts = 8
-  # Plain CFG, the teacher the halving below was calibrated on. The plausibility teacher
-  # (alpha = 0.1) starts closer to the base model (KL 6.6 nats per sequence here) and fell to
-  # 0.52x of that in these 40 steps; test_guidance checks that finetuning scores exactly the
-  # distribution the CFG sampler draws from.
-  config.guidance.plausibility = 0.0
-  pretrain.run(config, str(root / 'run'), devices=jax.devices()[:8], progress=False)
-  return config, str(root / 'run')
 
 
 def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
@@ -79,16 +58,3 @@ def test_sigterm_during_finetuning_then_relaunch_equals_uninterrupted(base_run, 
   resumed = run('preempted')
   assert resumed.step == 12 and not resumed.preempted
   jax.tree.map(np.testing.assert_array_equal, resumed.state, reference.state)
-
-
-def test_merge_refuses_different_architectures(base_run):
-  config, _ = base_run
-  other = config.copy_and_resolve_references()
-  other.model.d_model = 64
-  with pytest.raises(merge.ArchitectureMismatch, match=r"d_model.*\(32, 64\)"):
-    merge.check_same_architecture(config, other, 'a', 'b')
-  a = {'w': np.zeros((2, 3), np.float32)}
-  with pytest.raises(merge.ArchitectureMismatch, match=r'shapes \(2, 3\) and \(3, 2\)'):
-    merge.merge_params(a, {'w': np.zeros((3, 2), np.float32)}, 0.5)
-  with pytest.raises(merge.ArchitectureMismatch, match='different structure'):
-    merge.merge_params(a, {'v': np.zeros((2, 3), np.float32)}, 0.5)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from diverse_cfg import model as model_lib
 from diverse_cfg import objectives
 from diverse_cfg import sampling
 from diverse_cfg import specials
-from test_model import CFG, _batch, _count_compiles, _gather, _mesh, _params, _score
+from helpers import CFG
 
 Guidance, LengthBounds = sampling.Guidance, sampling.LengthBounds
 
@@ -81,23 +82,25 @@ def test_kl_to_the_plausibility_teacher_is_finite_where_masking_would_be_infinit
 def test_sampler_log_probs_are_the_teachers_scored_distribution(alpha, bounds):
   """The CFG sampler draws from exactly what finetuning's teacher scoring computes."""
   cfg = dataclasses.replace(CFG, seq_len=12)
-  params = _params(cfg)
-  mesh, rules = _mesh(jax.devices()[:1])
+  params = helpers.params(cfg)
+  mesh, rules = helpers.mesh(jax.devices()[:1])
   sampler = sampling.Sampler(cfg, cfg.seq_len, mesh, rules)
-  _, prompt = _batch(cfg, batch=8)
+  _, prompt = helpers.batch(cfg, batch=8)
   key = jax.random.key(4)
   tok_t, lp_t = sampler.sample_cfg(params, prompt, key, gamma=3.0, plausibility=alpha,
                                    bounds=bounds)
   tok_s, lp_s = sampler.sample(params, prompt, key, bounds=bounds)
   traced = sampling.as_traced(bounds)
-  scored_t = _score(cfg, params, tok_t, prompt, sampling.as_traced(Guidance(3.0, alpha)), traced)
-  scored_s = _score(cfg, params, tok_s, prompt, sampling.as_traced(Guidance()), traced)
-  np.testing.assert_allclose(lp_t, _gather(scored_t['cfg'], tok_t), atol=1e-4)
-  np.testing.assert_allclose(lp_s, _gather(scored_s['cond'], tok_s), atol=1e-4)
+  scored_t = helpers.score(cfg, params, tok_t, prompt, sampling.as_traced(Guidance(3.0, alpha)),
+                           traced)
+  scored_s = helpers.score(cfg, params, tok_s, prompt, sampling.as_traced(Guidance()), traced)
+  np.testing.assert_allclose(lp_t, helpers.gather(scored_t['cfg'], tok_t), atol=1e-4)
+  np.testing.assert_allclose(lp_s, helpers.gather(scored_s['cond'], tok_s), atol=1e-4)
   # Finetuning's student log-probs (bounded_log_probs of the plain forward) are the same ones.
   logits = jax.jit(model_lib.forward, static_argnums=0)(cfg, params, tok_s, prompt,
                                                         jnp.zeros(8, bool))
-  np.testing.assert_allclose(lp_s, _gather(sampling.bounded_log_probs(logits, traced), tok_s),
+  np.testing.assert_allclose(lp_s,
+                             helpers.gather(sampling.bounded_log_probs(logits, traced), tok_s),
                              atol=1e-4)
 
 
@@ -108,14 +111,14 @@ def _events_and_eos(tokens_BxN):
 
 
 def test_length_bounds_bar_and_force_eos_without_recompiling():
-  params = _params(CFG)
-  mesh, rules = _mesh(jax.devices()[:1])
+  params = helpers.params(CFG)
+  mesh, rules = helpers.mesh(jax.devices()[:1])
   sampler = sampling.Sampler(CFG, CFG.seq_len, mesh, rules)
-  _, prompt = _batch(CFG, batch=8)
+  _, prompt = helpers.batch(CFG, batch=8)
   key = jax.random.key(0)
   tok0, _ = sampler.sample(params, prompt, key)
   sampler.sample_cfg(params, prompt, key, gamma=2.0)
-  with _count_compiles() as compiles:
+  with helpers.count_compiles() as compiles:
     runs = {b: sampler.sample(params, prompt, key, bounds=b) for b in
             (LengthBounds(4, 4), LengthBounds(6, 9), LengthBounds(0, 3), LengthBounds(11, 11))}
     runs_cfg = {b: sampler.sample_cfg(params, prompt, key, gamma=2.0, plausibility=p, bounds=b)
@@ -136,10 +139,10 @@ def test_length_bounds_bar_and_force_eos_without_recompiling():
 
 
 def test_sampler_rejects_bad_guidance_and_bounds():
-  params = _params(CFG)
-  mesh, rules = _mesh(jax.devices()[:1])
+  params = helpers.params(CFG)
+  mesh, rules = helpers.mesh(jax.devices()[:1])
   sampler = sampling.Sampler(CFG, CFG.seq_len, mesh, rules)
-  _, prompt = _batch(CFG)
+  _, prompt = helpers.batch(CFG)
   key = jax.random.key(0)
   with pytest.raises(ValueError, match='plausibility must be in'):
     sampler.sample_cfg(params, prompt, key, plausibility=1.0)

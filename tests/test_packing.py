@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from diverse_cfg import finetune
 from diverse_cfg import model as model_lib
 from diverse_cfg import packing
@@ -16,7 +17,7 @@ from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
 from diverse_cfg import specials
-from tests.test_model import CFG, _mesh, _params
+from helpers import CFG
 
 
 def ragged_batch(cfg, batch, seed=0, lengths=None):
@@ -62,7 +63,7 @@ def test_first_fit_decreasing_reports_what_does_not_fit():
                                              ({'scan_layers': True}, 1)])
 def test_packed_rows_give_each_sequence_its_logits_alone(variant, groups):
   cfg = dataclasses.replace(CFG, **variant)
-  params = _params(cfg)
+  params = helpers.params(cfg)
   batch = 8
   lengths = [1, 12, 3, 5, 2, 7, 4, 9]
   tokens, prompt, null = ragged_batch(cfg, batch, lengths=lengths)
@@ -86,8 +87,8 @@ def test_packed_rows_give_each_sequence_its_logits_alone(variant, groups):
 def _sgd_state(cfg, seed=0):
   """SGD with lr 1: after one step, params - new params = the gradient."""
   tx = optax.sgd(1.0)
-  state, _ = sharding.create_sharded(pretrain.init_state_fn(cfg, tx), *_mesh(jax.devices()[:1]),
-                                     jax.random.key(seed))
+  state, _ = sharding.create_sharded(pretrain.init_state_fn(cfg, tx),
+                                     *helpers.mesh(jax.devices()[:1]), jax.random.key(seed))
   return tx, state
 
 
@@ -119,7 +120,7 @@ def test_packed_finetuning_step_equals_the_unpacked_one():
   """Rollout, teacher scoring, KL, reward and update: the same with and without packing
   (the fallback to the batch's own rows is the pretraining test's)."""
   tx, state = _sgd_state(CFG)
-  teacher = _params(CFG, seed=4)
+  teacher = helpers.params(CFG, seed=4)
   proj = jax.random.normal(jax.random.key(2), (CFG.vocab_size, 8))
   embed = lambda p, tokens: jnp.sum(p[tokens] * (tokens != specials.PAD)[..., None], axis=1)
   f = ml_collections.ConfigDict({'k': 4, 'kl': 'student_teacher', 'temperature': 1.0})

@@ -4,26 +4,14 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 import helpers
 from diverse_cfg import checkpoints
-from diverse_cfg import pretrain
 from diverse_cfg.data import pipeline
 
 
-@pytest.fixture(scope='module')
-def npz(tmp_path_factory):
-  return helpers.synthetic_npz(str(tmp_path_factory.mktemp('npz') / 'arith.npz'))
-
-
-def _run(tmp_path, npz, workdir, **train):
-  config = helpers.smoke_config(str(tmp_path), npz, **train)
-  return pretrain.run(config, str(tmp_path / workdir), devices=jax.devices()[:8], progress=False)
-
-
 def test_loss_falls_checkpoints_written_and_resume_continues(tmp_path, npz):
-  first = _run(tmp_path, npz, 'run', num_steps=10)
+  first = helpers.pretrain_run(tmp_path, npz, 'run', num_steps=10)
   losses = [h['loss'] for h in first.history if 'loss' in h]
   assert losses[-1] < losses[0] - 0.3, losses
   assert first.history[-1]['val/loss'] < np.log(23)  # below uniform over the vocabulary
@@ -34,7 +22,7 @@ def test_loss_falls_checkpoints_written_and_resume_continues(tmp_path, npz):
   jax.tree.map(np.testing.assert_array_equal, saved, first.state['params'])
 
   # A second invocation with more steps starts at step 10, from those params.
-  second = _run(tmp_path, npz, 'run', num_steps=20)
+  second = helpers.pretrain_run(tmp_path, npz, 'run', num_steps=20)
   assert second.step == 20
   assert min(h['step'] for h in second.history) == 15  # logging every 5: the first row is step 15
   assert sorted(os.listdir(ckpt_dir)) == ['10', '20']
@@ -42,13 +30,13 @@ def test_loss_falls_checkpoints_written_and_resume_continues(tmp_path, npz):
 
 def test_sigterm_then_relaunch_equals_uninterrupted_run(tmp_path, npz, monkeypatch):
   """A preempted run saves at the current step; the relaunch ends bit-identical."""
-  reference = _run(tmp_path, npz, 'reference', num_steps=20)
+  reference = helpers.pretrain_run(tmp_path, npz, 'reference', num_steps=20)
 
   helpers.sigterm_on_batch(monkeypatch, pipeline, 7)
-  interrupted = _run(tmp_path, npz, 'preempted', num_steps=20)
+  interrupted = helpers.pretrain_run(tmp_path, npz, 'preempted', num_steps=20)
   assert interrupted.preempted and interrupted.step == 7
   assert sorted(os.listdir(tmp_path / 'preempted' / 'pretrain' / 'checkpoints')) == ['7']
   monkeypatch.undo()
-  resumed = _run(tmp_path, npz, 'preempted', num_steps=20)
+  resumed = helpers.pretrain_run(tmp_path, npz, 'preempted', num_steps=20)
   assert resumed.step == 20 and not resumed.preempted
   jax.tree.map(np.testing.assert_array_equal, resumed.state, reference.state)

@@ -1,6 +1,10 @@
-"""Faults: non-finite values, corrupt and incompatible checkpoints."""
+"""The training loop under faults: a non-finite loss stops it with nothing bad saved; a training
+process SIGKILLed at arbitrary moments still resumes to the uninterrupted result.
 
-import glob
+Preempted (SIGTERMed) runs are test_pretrain.py's and test_finetune.py's; corrupt and
+incompatible checkpoints, test_checkpoints.py's.
+"""
+
 import json
 import os
 import signal
@@ -15,21 +19,9 @@ import pytest
 import helpers
 from diverse_cfg import checkpoints
 from diverse_cfg import experiment
-from diverse_cfg import pretrain
 from diverse_cfg import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def npz(tmp_path_factory):
-  return helpers.synthetic_npz(str(tmp_path_factory.mktemp('npz') / 'arith.npz'))
-
-
-def _run(tmp_path, npz, **train):
-  config = helpers.smoke_config(str(tmp_path), npz, **train)
-  return config, pretrain.run(config, str(tmp_path / 'run'), devices=jax.devices()[:8],
-                              progress=False)
 
 
 def _saved_params(tmp_path, step, like):
@@ -39,40 +31,12 @@ def _saved_params(tmp_path, step, like):
 
 
 def test_non_finite_loss_stops_with_step_and_quantity_and_saves_nothing_bad(tmp_path, npz):
-  _, good = _run(tmp_path, npz, num_steps=10)
+  good = helpers.pretrain_run(tmp_path, npz, num_steps=10)
   with pytest.raises(training.NonFiniteError, match=r'non-finite .*(loss|grad_norm).* at step 1[1-5]'):
-    _run(tmp_path, npz, num_steps=20, lr=1e30, warmup_steps=0, log_every=1)
+    helpers.pretrain_run(tmp_path, npz, num_steps=20, lr=1e30, warmup_steps=0, log_every=1)
   assert sorted(os.listdir(tmp_path / 'run' / 'pretrain' / 'checkpoints')) == ['10']
   saved = _saved_params(tmp_path, 10, good.state['params'])
   jax.tree.map(np.testing.assert_array_equal, saved, good.state['params'])
-
-
-def _corrupt(step_dir):
-  for path in glob.glob(os.path.join(step_dir, 'params', '**', 'd', '*'), recursive=True):
-    with open(path, 'r+b') as f:
-      f.truncate(3)
-
-
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, npz, caplog):
-  _, first = _run(tmp_path, npz, num_steps=20)
-  ckpt_dir = tmp_path / 'run' / 'pretrain' / 'checkpoints'
-  assert sorted(os.listdir(ckpt_dir)) == ['10', '20']
-  _corrupt(str(ckpt_dir / '20'))
-  _, resumed = _run(tmp_path, npz, num_steps=20)
-  assert 'step 20 is unreadable' in caplog.text
-  names = sorted(os.listdir(ckpt_dir))
-  assert names[:2] == ['10', '20'] and names[2].startswith('20.unreadable-'), names
-  # Steps 11..20 were redone from step 10 with the same data: the same result as before.
-  jax.tree.map(np.testing.assert_array_equal, resumed.state['params'], first.state['params'])
-
-
-def test_checkpoint_of_another_architecture_is_named(tmp_path, npz):
-  _run(tmp_path, npz, num_steps=10)
-  config = helpers.smoke_config(str(tmp_path), npz, num_steps=20)
-  config.model.d_model = 64
-  with pytest.raises(checkpoints.IncompatibleCheckpoint, match=r'shape \(\d+, 32\) .* needs \(\d+, 64\)'):
-    pretrain.run(config, str(tmp_path / 'run'), devices=jax.devices()[:8], progress=False)
-  assert sorted(os.listdir(tmp_path / 'run' / 'pretrain' / 'checkpoints')) == ['10']  # nothing moved or lost
 
 
 def _launch(workdir, config_args):

@@ -33,12 +33,9 @@ block_until_ready, the median of --repeats is reported.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
-import glob
 import json
 import statistics
-import tempfile
 import time
 from unittest import mock
 
@@ -57,6 +54,9 @@ from diverse_cfg import specials
 from diverse_cfg import training
 
 from benchmarks.common import csv_list
+from benchmarks.common import kernel_breakdown
+from benchmarks.common import matmul_peak
+from benchmarks.common import timed
 
 # name -> (layers, d_model, heads, mlp, vocab, seq_len, pretrain batch, finetune prompts, k, dtype)
 SIZES = {
@@ -64,38 +64,6 @@ SIZES = {
     'gpu_medium': (12, 768, 12, 3072, 885, 128, 128, 32, 4, 'bfloat16'),
     'gpu_large': (24, 1024, 16, 4096, 885, 128, 64, 16, 4, 'bfloat16'),
 }
-
-
-def timed(fn, *args, repeats: int, name: str = ''):
-  """Median seconds per call (compilation excluded); printed at once under a name, if given."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  t = statistics.median(times)
-  if name:  # so a run cut short still shows what it measured
-    print(f'{name}: {t * 1e3:.2f} ms (first call, with compilation: {first:.1f} s)', flush=True)
-  return t
-
-
-def matmul_peak(dtype, repeats: int = 5) -> float:
-  """FLOP/s of one device on square matmuls (the MFU denominator).
-
-  Eight chained products per call, so dispatch overhead does not hide the peak
-  (one 4096^2 product per call measured 240 TFLOP/s on an H200 that does ~790).
-  """
-  n = 2048 if jax.devices()[0].platform == 'cpu' else 8192
-  x = jnp.ones((n, n), dtype) / n
-
-  @jax.jit
-  def chain(a):
-    return jax.lax.fori_loop(0, 8, lambda _, b: b @ x, a)
-
-  return 8 * 2 * n ** 3 / timed(chain, x, repeats=repeats)
 
 
 def setup(size: str, fsdp_devices: int | None):
@@ -132,39 +100,6 @@ def memory_report(cfg, c, mesh, rules):
   n = mesh.devices.size
   return {'devices': n, 'state_bytes_total': int(total), 'state_bytes_per_device': int(per_device),
           'ideal_per_device': int(total / n), 'ratio_to_ideal': per_device / (total / n)}
-
-
-def _kind(kernel: str) -> str:
-  name = kernel.lower()
-  if 'copy' in name or 'transpose' in name:
-    return 'copy/transpose'
-  if any(k in name for k in ('dot', 'ynn', 'gemm', 'cublas', 'matmul')):
-    return 'matmul fusions'
-  return 'other'
-
-
-def kernel_breakdown(run_step, steps: int) -> dict:
-  """Kernel time per step by kind and the top kernels, from a profiler trace of `steps` calls."""
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(steps):
-        jax.block_until_ready(run_step())
-    data = jax.profiler.ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0])
-    per_kernel = collections.Counter()
-    for plane in data.planes:
-      on_device = plane.name.startswith('/device:')
-      for line in plane.lines:
-        # XLA CPU's compute threads; on an accelerator, its per-op line (not yet run on one).
-        if not (line.name == 'XLA Ops' if on_device else line.name.startswith('tf_XLAEigen')):
-          continue
-        for ev in line.events:
-          if not ev.name.startswith(('ThunkExecutor', 'SlinkyThreadPool')):  # wrappers, waits
-            per_kernel[ev.name] += ev.duration_ns / 1e6 / steps
-  kinds = collections.Counter()
-  for name, ms in per_kernel.items():
-    kinds[_kind(name)] += ms
-  return {'ms_per_step_by_kind': {k: round(v, 2) for k, v in kinds.most_common()},
-          'top_kernels_ms_per_step': {k: round(v, 2) for k, v in per_kernel.most_common(12)}}
 
 
 PARTS = ('pretrain', 'rollout', 'teacher_scoring', 'student_fwd_bwd', 'whole_step')

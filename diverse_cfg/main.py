@@ -50,7 +50,8 @@ PIPELINE = tuple(STAGES)
 COMMANDS = PIPELINE + ('all', 'sample')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (checkpoints, metrics, reports).')
+_WORKDIR = flags.DEFINE_string('workdir', None, "The experiment's root: each stage uses its own subdirectory "
+                               '(workdir.py).')
 _STAGE = flags.DEFINE_enum('stage', 'pretrain', COMMANDS, 'Which stage to run.')
 
 # Multi-process launch; unset flags fall back to the DIVERSE_CFG_* environment variables.

@@ -19,7 +19,7 @@ else every device on the fsdp axis (or --mesh=DATA,FSDP,TENSOR). The rows
 dropped. Each row's random draws depend on the key and the row's index only,
 so the padding does not change the samples.
 
-Writes to --out_dir (default: <checkpoint stage dir>/samples), from process 0:
+Writes to --out_dir (default: <checkpoint run dir>/samples), from process 0:
   samples.json   settings, and per sample its readable prompt, tokens (up to
                  and including EOS), log-probability, length, and file names
   tokens.npy     int32 [prompts, num_samples, seq_len] (PAD after EOS)

@@ -33,8 +33,9 @@ Split: a stable hash of the transposition-invariant melody (pitch relative to
 the first note, duration class) -> 90/5/5 train/validation/test, so transposed
 copies of a tune never straddle splits (meta.hash_split).
 
-Parsing all files takes minutes (music21 is slow: about 4.5 min wall on 2 cores
-for the full set), so the build parses files in spawned worker processes and
+Parsing all files takes over a minute (music21 is slow: 75 s wall on 2 cores
+for the full set, without its engraving beams; BENCHMARKS.md), so the build
+parses files in spawned worker processes and
 is cached under data_dir: only the first call pays. Spawned workers re-import
 the caller's __main__, so call it from under `if __name__ == '__main__':` (or
 pass num_workers=1). Configs with files/max_files/max_tunes build small

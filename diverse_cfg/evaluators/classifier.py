@@ -256,6 +256,6 @@ def run(config, workdir: workdir_lib.WorkDir | str, devices=None,
 
 
 def load_quality_model(run_dir: str, mesh=None, rules=None) -> interface.QualityModel:
-  """The trained classifier of a stage directory (DIR/classifier) as a QualityModel."""
+  """The trained classifier of its run directory (DIR/classifier) as a QualityModel."""
   config, params = stage.restore(run_dir, lambda c: encoder.init_fn(build_net(c)), mesh, rules)
   return make_quality_model(config, params)

@@ -167,7 +167,7 @@ def run(config, workdir: workdir_lib.WorkDir | str, devices=None,
 
 
 def load_embedder(run_dir: str, mesh=None, rules=None) -> interface.Embedder:
-  """The trained embedder of a stage directory (DIR/embedder), params laid out on `mesh`.
+  """The trained embedder of its run directory (DIR/embedder), params laid out on `mesh`.
 
   mesh=None: one device. The returned apply is pure and jittable.
   """

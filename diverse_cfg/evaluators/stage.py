@@ -1,7 +1,7 @@
 """What the two evaluator stages share: split arrays, restoring, held-out reports.
 
 An evaluator's checkpoint holds the full config it was trained with, so a
-loader needs nothing but the stage's work directory: the network is rebuilt
+loader needs nothing but the evaluator's run directory: the network is rebuilt
 from the config and its params restored onto whatever mesh the caller has.
 """
 

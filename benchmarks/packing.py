@@ -1,4 +1,5 @@
-"""Packing, side by side in one run: real (non-PAD) tokens/s of the pretraining and finetuning steps.
+"""Packing, side by side in one run: real (non-PAD) tokens/s of the pretraining, finetuning and
+classifier steps.
 
 On a pipeline run's work directory (its dataset, base model and embedder):
 * pretraining step, real batches from the train split, for each
@@ -7,7 +8,10 @@ On a pipeline run's work directory (its dataset, base model and embedder):
   second, the share of batches that fit the packed rows;
 * finetuning step (rollout + teacher scoring + student update from the base
   model, one student beta) for each packed_rows in --finetune: the same; and
-  the rollout alone (packing does not touch it), on the same prompts.
+  the rollout alone (packing does not touch it), on the same prompts;
+* the classifier's training step (the evaluators' encoder, real batches) for
+  each packed_rows in --classifier.
+An empty list skips its table.
 Compilation is excluded, every timed call ends with block_until_ready, and
 the settings are timed interleaved (A B C A B C ...), so a change in the
 machine's load hits them alike. The speed-up is against each table's first row.
@@ -38,12 +42,15 @@ from diverse_cfg import sampling
 from diverse_cfg import sharding
 from diverse_cfg import training
 from diverse_cfg import workdir as workdir_lib
+from diverse_cfg.evaluators import classifier
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A pipeline run (pretrain + embedder done).')
 _PRETRAIN = flags.DEFINE_string('pretrain', '32:0,32:0.5,64:0.5',
                                 'batch:packed_rows pairs for the pretraining step.')
 _FINETUNE = flags.DEFINE_string('finetune', '0,0.5', 'packed_rows values for the finetuning step.')
+_CLASSIFIER = flags.DEFINE_string('classifier', '0,0.5',
+                                  'packed_rows values for the classifier step.')
 _BETA = flags.DEFINE_float('beta', 8.0, 'The student whose step is timed.')
 _STEPS = flags.DEFINE_integer('steps', 12, 'Distinct batches (timed calls) per setting.')
 _OUT = flags.DEFINE_string('out', None, 'Optional JSON output path.')
@@ -102,11 +109,17 @@ def measure(settings: dict, steps: int, extra=None) -> dict:
              for name, (b, f, _, _, _, m) in settings.items()}}
 
 
+def items(flag_value: str) -> list[str]:
+  return [x for x in flag_value.split(',') if x]
+
+
 def main(_):
   config, workdir, steps = _CONFIG.value, _WORKDIR.value, _STEPS.value
   print(f'devices: {jax.devices()}')
+  wd = workdir_lib.WorkDir(workdir)
+  out = {}
   settings = {}
-  for item in _PRETRAIN.value.split(','):
+  for item in items(_PRETRAIN.value):
     batch, fraction = int(item.split(':')[0]), float(item.split(':')[1])
     c = config.copy_and_resolve_references()
     c.train.batch_size, c.train.packed_rows = batch, fraction
@@ -114,12 +127,27 @@ def main(_):
     task = pretrain.make_task(exp)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
     settings[item] = (batch, fraction, exp.mesh, exp.rules, *program(task, state, steps))
-  pre = measure(settings, steps)
+  if settings:
+    out['pretrain'] = list(measure(settings, steps).values())
+    print(table(out['pretrain'], 'Pretraining step (real batches of the train split)'), '\n')
 
-  wd = workdir_lib.WorkDir(workdir)
-  embedder = evaluators.load_embedder(wd.embedder)
   settings = {}
-  for fraction in (float(x) for x in _FINETUNE.value.split(',')):
+  for fraction in (float(x) for x in items(_CLASSIFIER.value)):
+    c = config.copy_and_resolve_references()
+    c.classifier.packed_rows = fraction
+    exp = classifier.prepare(c)
+    task = classifier.make_task(exp, wd.embedder)
+    state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
+    settings[fraction] = (c.classifier.batch_size, fraction, exp.mesh, exp.rules,
+                          *program(task, state, steps))
+  if settings:
+    out['classifier'] = list(measure(settings, steps).values())
+    print(table(out['classifier'], "Classifier step (the evaluators' encoder; real batches)"),
+          '\n')
+
+  settings = {}
+  embedder = evaluators.load_embedder(wd.embedder) if _FINETUNE.value else None
+  for fraction in (float(x) for x in items(_FINETUNE.value)):
     c = config.copy_and_resolve_references()
     c.finetune.packed_rows = fraction
     exp = experiment_lib.prepare(c)
@@ -127,30 +155,30 @@ def main(_):
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
     settings[fraction] = (c.finetune.batch_size * c.finetune.k, fraction, exp.mesh, exp.rules,
                           *program(task, task.warm_start(state), steps, (task.frozen,)))
-  # The rollout alone (the student sampling its k rollouts of the same prompts): no packing.
-  rollout = jax.jit(functools.partial(sampling.generate, exp.model_cfg, exp.model_cfg.seq_len,
-                                      False))
-  prompts = [jnp.repeat(next(task.batches)['prompt'], c.finetune.k, axis=0) for _ in range(steps)]
-  calls = itertools.count()
-  bounds = sampling.as_traced(exp.length_bounds)
-  params = task.warm_start(state)['params']
+  if settings:
+    # The rollout alone (the student sampling its k rollouts of the same prompts): no packing.
+    rollout = jax.jit(functools.partial(sampling.generate, exp.model_cfg, exp.model_cfg.seq_len,
+                                        False))
+    prompts = [jnp.repeat(next(task.batches)['prompt'], c.finetune.k, axis=0)
+               for _ in range(steps)]
+    calls = itertools.count()
+    bounds = sampling.as_traced(exp.length_bounds)
+    params = task.warm_start(state)['params']
 
-  def rollout_call():
-    i = next(calls)
-    return rollout(params, prompts[i % steps], jax.random.key(i % steps), sampling.Guidance(),
-                   jnp.float32(c.finetune.temperature), jnp.int32(0), bounds)
+    def rollout_call():
+      i = next(calls)
+      return rollout(params, prompts[i % steps], jax.random.key(i % steps), sampling.Guidance(),
+                     jnp.float32(c.finetune.temperature), jnp.int32(0), bounds)
 
-  fine = measure(settings, steps, {'rollout': rollout_call})
-  print(table(list(pre.values()), 'Pretraining step (real batches of the train split)'))
-  print()
-  rollout_s = fine.pop('rollout')
-  print(table(list(fine.values()), f'Finetuning step from the base model (beta {_BETA.value:g}, '
-                                   'batch = prompts x k rollouts)'))
-  print(f'\nthe rollout alone (student sampling, no packing): {rollout_s:.3f} s (median)')
+    fine = measure(settings, steps, {'rollout': rollout_call})
+    out['rollout_s'] = fine.pop('rollout')
+    out['finetune'] = list(fine.values())
+    print(table(out['finetune'], f'Finetuning step from the base model (beta {_BETA.value:g}, '
+                                 'batch = prompts x k rollouts)'))
+    print(f'\nthe rollout alone (student sampling, no packing): {out["rollout_s"]:.3f} s (median)')
   if _OUT.value:
     with open(_OUT.value, 'w') as fh:
-      json.dump({'pretrain': list(pre.values()), 'finetune': list(fine.values()),
-                 'rollout_s': rollout_s}, fh, indent=1)
+      json.dump(out, fh, indent=1)
 
 
 if __name__ == '__main__':

@@ -142,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Class weights in the loss, (training frequency)^-class_balance, normalised to mean 1 over
   # the training labels: 0 = plain cross-entropy, 1 = every class weighs as much in total.
   cl.class_balance = 0.0
+  # Train on sequences packed several per row into this fraction of the batch's rows whenever
+  # they fit (attention within a sequence; the same loss and gradients), as train.packed_rows.
+  cl.packed_rows = 0.5
   return c
 
 

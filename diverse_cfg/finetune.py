@@ -41,6 +41,41 @@ from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import pipeline
 
 
+def position_terms(kl: str, logp_xV, teacher_xV, targets_x):
+  """Per position: the KL to the teacher, the target's log-prob, the entropy."""
+  return (objectives.kl_per_position(kl, logp_xV, teacher_xV),
+          jnp.take_along_axis(logp_xV, targets_x[..., None], -1)[..., 0],
+          objectives.entropy_per_position(logp_xV))
+
+
+def own_row_terms(cfg: model_lib.ModelConfig, kl: str, guidance, bounds, params, teacher,
+                  tokens_BxT, prompt_BxC):
+  """position_terms of sequences in their own rows: the teacher's guided log-probs and the
+  student's, both under the length bounds, from teacher-forced passes."""
+  teacher_BxTxV = sampling.score(cfg, teacher, tokens_BxT, prompt_BxC, guidance, bounds)['cfg']
+  logits = model_lib.forward(cfg, params, tokens_BxT, prompt_BxC,
+                             jnp.zeros(tokens_BxT.shape[:1], bool))
+  return position_terms(kl, sampling.bounded_log_probs(logits, bounds), teacher_BxTxV, tokens_BxT)
+
+
+def heldout_kl_fn(cfg: model_lib.ModelConfig, kl: str, guidance: sampling.Guidance,
+                  bounds: sampling.LengthBounds):
+  """(params, teacher, tokens_NxT, prompt_NxC) -> the distillation KL on fixed sequences.
+
+  The finetuning objective's KL (summed over each sequence, averaged over them),
+  teacher-forced on the same held-out data sequences every time: a smooth
+  function of the student's parameters, free of the rollouts' sampling noise,
+  which is what the convergence criterion reads (diverse_cfg/convergence.py).
+  """
+  guidance, bounds = sampling.as_traced(guidance), sampling.as_traced(bounds)
+
+  def heldout_kl(params, teacher, tokens_NxT, prompt_NxC):
+    kl_NxT = own_row_terms(cfg, kl, guidance, bounds, params, teacher, tokens_NxT, prompt_NxC)[0]
+    return jnp.mean(jnp.sum(kl_NxT * sampling.token_mask(tokens_NxT), -1))
+
+  return jax.jit(heldout_kl)
+
+
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
                      embed_apply, guidance: sampling.Guidance,
                      bounds: sampling.LengthBounds = sampling.LengthBounds(),
@@ -55,25 +90,16 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
   k = f.k
   guidance, bounds = sampling.as_traced(guidance), sampling.as_traced(bounds)
 
-  def position_terms(logp_xV, teacher_xV, targets_x):
-    """Per position: the KL to the teacher, the target's log-prob, the entropy."""
-    return (objectives.kl_per_position(f.kl, logp_xV, teacher_xV),
-            jnp.take_along_axis(logp_xV, targets_x[..., None], -1)[..., 0],
-            objectives.entropy_per_position(logp_xV))
-
   def terms_in_own_rows(params, frozen, tokens_BxT, prompt_BxC):
-    teacher_BxTxV = sampling.score(cfg, frozen['teacher'], tokens_BxT, prompt_BxC, guidance,
-                                   bounds)['cfg']
-    logits = model_lib.forward(cfg, params, tokens_BxT, prompt_BxC,
-                               jnp.zeros(tokens_BxT.shape[:1], bool))
-    return position_terms(sampling.bounded_log_probs(logits, bounds), teacher_BxTxV, tokens_BxT)
+    return own_row_terms(cfg, f.kl, guidance, bounds, params, frozen['teacher'], tokens_BxT,
+                         prompt_BxC)
 
   def terms_in_packed_rows(params, frozen, packed, plan):
     teacher_RxWxV = sampling.score_packed(cfg, frozen['teacher'], packed, guidance, bounds)['cfg']
     logits = model_lib.forward_packed(cfg, params, packed)
     logp_RxWxV = sampling.bounded_log_probs(logits, bounds, packed.positions - cfg.prompt_len)
     return tuple(pack.unpack(x_RxW, plan, cfg.prompt_len, cfg.seq_len)
-                 for x_RxW in position_terms(logp_RxWxV, teacher_RxWxV, packed.targets))
+                 for x_RxW in position_terms(f.kl, logp_RxWxV, teacher_RxWxV, packed.targets))
 
   def train_step(state, batch, step, frozen):
     prompt_PxC = batch['prompt']
@@ -149,13 +175,20 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
   prompts = pipeline.make_train_iterator(exp.sources['train'], f.batch_size, exp.config.seed,
                                          batch_sharding, keys=('prompt',))
   rows = f.batch_size * f.k
+  heldout_kl = heldout_kl_fn(cfg, f.kl, teacher_guidance(exp.config), exp.length_bounds)
+  heldout = {k: sharding_lib.to_global(v, repl) for k, v in heldout_examples(exp).items()}
+
+  def probe(state):
+    return {'kl_heldout': float(heldout_kl(state['params'], teacher, heldout['tokens'],
+                                           heldout['prompt']))}
+
   return training.Task(
       name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
       warm_start=warm_start,
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
                                   teacher_guidance(exp.config), exp.length_bounds,
                                   exp.packing(rows, f.packed_rows)),
-      batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn,
+      batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn, probe=probe,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},
       frozen_shardings={'teacher': teacher_shardings,
@@ -163,11 +196,14 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
       tokens_per_step=rows * cfg.seq_len, flops_per_step=finetune_flops(cfg, rows))
 
 
-def heldout_prompts(exp: experiment_lib.Experiment, split: str = 'validation') -> np.ndarray:
-  """The first finetune.eval_prompts prompts of a held-out split (deterministic)."""
+def heldout_examples(exp: experiment_lib.Experiment, split: str = 'validation',
+                     n: int | None = None) -> dict[str, np.ndarray]:
+  """{'tokens', 'prompt'} of the first n (default finetune.eval_prompts) examples of a
+  held-out split (deterministic)."""
   src = exp.sources.get(split) or exp.sources['test']
-  n = min(exp.config.finetune.eval_prompts, len(src))
-  return np.stack([np.asarray(src[i]['prompt']) for i in range(n)]).astype(np.int32)
+  n = min(n or exp.config.finetune.eval_prompts, len(src))
+  return {key: np.stack([np.asarray(src[i][key]) for i in range(n)]).astype(np.int32)
+          for key in ('tokens', 'prompt')}
 
 
 def run(config, workdir: workdir_lib.WorkDir | str, devices=None, *, embedder=None,
@@ -183,7 +219,7 @@ def run(config, workdir: workdir_lib.WorkDir | str, devices=None, *, embedder=No
   results = {}
   f = exp.config.finetune
   sampler = sampling.Sampler(exp.model_cfg, exp.model_cfg.seq_len, exp.mesh, exp.rules)
-  prompts = heldout_prompts(exp)
+  prompts = heldout_examples(exp)['prompt']
   reference = measure.fidelity_reference(exp)
   for beta in (f.betas if betas is None else betas):
     def evaluate_fn(state, step):

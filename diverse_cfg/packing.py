@@ -52,8 +52,14 @@ class Layout:
   def plan(self, tokens_BxT, prompt_len: int) -> Plan:
     return plan(tokens_BxT, prompt_len, self.groups, self.rows)
 
+  def plan_slots(self, slots_B, width: int) -> Plan:
+    return plan_slots(slots_B, width, self.groups, self.rows)
+
   def pack(self, p: Plan, tokens_BxT, prompt_BxC, null_B) -> Packed:
     return pack(p, tokens_BxT, prompt_BxC, null_B, self.groups, self.rows)
+
+  def place(self, p: Plan, values_BxW):
+    return place(p, values_BxW, self.groups, self.rows)
 
   def unpack(self, values_RxWx, p: Plan, prompt_len: int, seq_len: int):
     return unpack(values_RxWx, p, prompt_len, seq_len, self.groups)
@@ -109,13 +115,17 @@ def _grouped(x, groups: int):
 
 def plan(tokens_BxT, prompt_len: int, groups: int, rows: int) -> Plan:
   """First-fit decreasing of each group of B / groups sequences into rows / groups rows."""
-  batch, seq_len = tokens_BxT.shape
+  return plan_slots(sequence_slots(tokens_BxT, prompt_len), prompt_len + tokens_BxT.shape[1],
+                    groups, rows)
+
+
+def plan_slots(slots_B, width: int, groups: int, rows: int) -> Plan:
+  """plan for sequences of slots_B slots each, into rows of `width` slots."""
+  batch = slots_B.shape[0]
   if batch % groups or rows % groups:
     raise ValueError(f'batch {batch} and packed rows {rows} must split into {groups} groups')
-  slots_B = sequence_slots(tokens_BxT, prompt_len)
   row_GxN, offset_GxN, fits_G = jax.vmap(
-      lambda s: first_fit_decreasing(s, rows // groups, prompt_len + seq_len))(
-          _grouped(slots_B, groups))
+      lambda s: first_fit_decreasing(s, rows // groups, width))(_grouped(slots_B, groups))
   return Plan(row_GxN.reshape(-1), offset_GxN.reshape(-1), slots_B, jnp.all(fits_G))
 
 
@@ -123,16 +133,28 @@ def pack(p: Plan, tokens_BxT, prompt_BxC, null_B, groups: int, rows: int) -> Pac
   """The batch's sequences laid out in `rows` packed rows of width C + T (see Plan)."""
   batch, seq_len = tokens_BxT.shape
   c = prompt_BxC.shape[1]
-  width, rows_g = c + seq_len, rows // groups
+  width = c + seq_len
   bos_Bx1 = jnp.full((batch, 1), specials.BOS, tokens_BxT.dtype)
-  ones_BxW = jnp.ones((batch, width), jnp.int32)
   fields = Packed(
       inputs=jnp.concatenate([prompt_BxC.astype(tokens_BxT.dtype), bos_Bx1, tokens_BxT[:, :-1]], 1),
-      positions=ones_BxW * jnp.arange(width, dtype=jnp.int32),
-      segments=ones_BxW * (1 + jnp.arange(batch, dtype=jnp.int32) % (batch // groups))[:, None],
+      positions=jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width)),
+      segments=segment_ids(batch, width, groups),
       null=jnp.broadcast_to(null_B[:, None], (batch, width)),
       targets=jnp.concatenate([jnp.full((batch, c), specials.PAD, tokens_BxT.dtype), tokens_BxT],
                               1))
+  return Packed(*(place(p, v, groups, rows) for v in fields))
+
+
+def segment_ids(batch: int, width: int, groups: int):
+  """[B, W]: 1 + each sequence's index within its group (a segments field, before place)."""
+  return jnp.broadcast_to((1 + jnp.arange(batch, dtype=jnp.int32) % (batch // groups))[:, None],
+                          (batch, width))
+
+
+def place(p: Plan, values_BxW, groups: int, rows: int):
+  """Each sequence's first p.slots values at its (row, offset) of the packed rows [R, W];
+  0 on the slots no sequence takes."""
+  width, rows_g = values_BxW.shape[1], rows // groups
   slot_W = jnp.arange(width)
   # Flat destination in the group's rows_g * width slots; slots past a sequence go nowhere.
   dest_BxW = jnp.where(slot_W[None] < p.slots[:, None],
@@ -143,11 +165,8 @@ def pack(p: Plan, tokens_BxT, prompt_BxC, null_B, groups: int, rows: int) -> Pac
         values_NxW.reshape(-1), mode='drop')
     return flat.reshape(rows_g, width)
 
-  def pack_field(values_BxW):
-    return jax.vmap(scatter)(_grouped(values_BxW, groups),
-                             _grouped(dest_BxW, groups)).reshape(rows, width)
-
-  return Packed(*(pack_field(v) for v in fields))
+  return jax.vmap(scatter)(_grouped(values_BxW, groups),
+                           _grouped(dest_BxW, groups)).reshape(rows, width)
 
 
 def unpack(values_RxWx, p: Plan, prompt_len: int, seq_len: int, groups: int):

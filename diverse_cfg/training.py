@@ -151,6 +151,9 @@ class Task:
   batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
   batch_shardings: Any = None
   evaluate: Callable[[dict, int], dict[str, float]] | None = None
+  # state -> {name: float}: cheap figures of the current state, logged with every log row
+  # (e.g. finetuning's held-out KL); their time is not counted as training throughput.
+  probe: Callable[[dict], dict[str, float]] | None = None
   tokens_per_step: int = 0
   flops_per_step: float = 0.0
   # Replaces the random init on a fresh run (e.g. a student starting from the base model).
@@ -230,6 +233,8 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
       if real is not None and task.tokens_per_step:
         flops = task.flops_per_step / task.tokens_per_step * real
       row['mfu'] = flops / elapsed / (t.peak_flops * num_devices)
+    if task.probe is not None:
+      row.update(task.probe(state))
     last = pending[-1][0]
     writer.write(last, row)
     history.append({'step': last, **row})

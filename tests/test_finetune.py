@@ -7,10 +7,14 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 import helpers
+from diverse_cfg import checkpoints
+from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
 from diverse_cfg import merge
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import pipeline
 from diverse_cfg.evaluators import baselines
 
@@ -28,6 +32,21 @@ def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
          for b, r in results.items()}
   print("KL beta=0:", kl0, "diversity:", div)
   assert div[20.0] > div[0.0] + 0.02, div
+
+  # The logged held-out KL (convergence's signal) is heldout_kl_fn's of the final student, and
+  # the distilled student's falls.
+  exp = experiment_lib.prepare(config, jax.devices()[:8])
+  teacher, _ = checkpoints.restore_model_params(
+      workdir_lib.checkpoints(workdir_lib.WorkDir(workdir).pretrain), exp.model_cfg, exp.mesh,
+      exp.rules)
+  heldout = finetune.heldout_examples(exp)
+  kl_fn = finetune.heldout_kl_fn(exp.model_cfg, config.finetune.kl,
+                                 finetune.teacher_guidance(exp.config), exp.length_bounds)
+  logged = [h['kl_heldout'] for h in results[0.0].history if 'kl_heldout' in h]
+  assert len(logged) == config.finetune.num_steps // config.finetune.log_every
+  final = float(kl_fn(results[0.0].state['params'], teacher, heldout['tokens'], heldout['prompt']))
+  assert logged[-1] == pytest.approx(final, rel=1e-5)
+  assert logged[-1] < 0.7 * logged[0], logged
 
   # Merging: lambda = 0 and 1 return the students exactly; 0.5 lies between.
   pq, pd = results[0.0].state['params'], results[20.0].state['params']

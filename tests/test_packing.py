@@ -1,7 +1,9 @@
 """Packing: the plan, and every sequence of a packed batch gets exactly what it gets alone."""
 
+import collections
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,6 +19,9 @@ from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
 from diverse_cfg import specials
+from diverse_cfg.data import melody
+from diverse_cfg.data import meta as meta_lib
+from diverse_cfg.evaluators import encoder
 from helpers import CFG
 
 
@@ -149,3 +154,50 @@ def test_no_layout_when_the_data_can_never_fit():
   assert packing.layout(32, 2, 0.5, *fixed) is None  # one sequence per row: never fits
   assert packing.layout(32, 2, 0.0, *variable) is None
   assert packing.layout(32, 2, 1.0, *variable) is None  # as many rows as the batch
+
+
+def melody_rows(lengths, width, seed=0):
+  """Melody token rows with `lengths` events each (notes and rests), then EOS and PAD."""
+  rng = np.random.default_rng(seed)
+  rows = np.full((len(lengths), width), specials.PAD, np.int32)
+  for i, n in enumerate(lengths):
+    rows[i, :n] = rng.integers(specials.NUM_SPECIAL, melody.VOCAB_SIZE, n)
+    if n < width:
+      rows[i, n] = specials.EOS
+  return jnp.asarray(rows)
+
+
+@pytest.mark.parametrize('anchors, groups', [(True, 2), (False, 1)])
+def test_packed_encoder_gives_each_sequence_its_output_and_gradient_alone(anchors, groups):
+  """The evaluators' encoder over packed rows (token features, interval steps, anchors):
+  each sequence's classifier log-probs and the loss's gradient as in its own row."""
+  tables = meta_lib.token_feature_tables('melody_steps')
+  cfg = encoder.EncoderConfig(vocab_size=melody.VOCAB_SIZE, num_layers=2, d_model=16,
+                              num_heads=2, mlp_dim=32, anchors=anchors,
+                              token_features=tables.values, token_steps=tables.steps)
+  net = encoder.ClassifierNet(cfg, num_classes=(3, 5))
+  lengths = [9, 0, 3, 12, 2, 6, 1, 5]  # one empty sequence; with anchors group 0 fills 2 rows
+  tokens = melody_rows(lengths, 14)
+  labels = jnp.asarray(np.random.default_rng(1).integers(0, 3, (8, 2)))
+  params = nn.meta.unbox(net.init(jax.random.key(0), tokens)['params'])
+  layout = packing.layout(8, groups, 0.5)
+  plan = encoder.packing_plan(cfg, tokens, layout)
+  assert bool(plan.fits)
+  slots = np.asarray(plan.slots)
+  np.testing.assert_array_equal(slots, np.asarray(lengths) + (2 if anchors else 0))
+
+  def loss(params, packed):
+    logp = net.apply({'params': params}, tokens, (layout, plan) if packed else None)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1)), logp
+
+  (loss_p, logp_p), grads_p = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      params, True)
+  (loss_u, logp_u), grads_u = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      params, False)
+  np.testing.assert_allclose(np.asarray(logp_p), np.asarray(logp_u), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # The rows are really shared: 8 sequences in 4 rows.
+  rows = collections.Counter(zip(np.arange(8) // (8 // groups), np.asarray(plan.row)))
+  assert sum(rows.values()) == 8 and len(rows) <= 4

@@ -26,6 +26,7 @@ import optax
 from diverse_cfg import checkpoints
 from diverse_cfg import config_lib
 from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import packing
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import training
 from diverse_cfg import workdir as workdir_lib
@@ -170,23 +171,36 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
     weights_AxK = jnp.asarray(class_weights(np.asarray(train_labels), net.num_classes,
                                             cl.class_balance))
 
+  layout = packing_layout(exp, net.cfg, cl.batch_size, cl.get('packed_rows', 0.0))
+
   def train_step(state, batch, step):
     labels_BxA = labels_of(batch['prompt'], offsets, net.num_classes)
 
-    def loss_fn(params):
-      logp_BxAxK = net.apply({'params': params}, batch['tokens'])
+    def loss_fn(params, packing):
+      logp_BxAxK = net.apply({'params': params}, batch['tokens'], packing)
       nll_BxA = -jnp.take_along_axis(logp_BxAxK, labels_BxA[..., None], axis=-1)[..., 0]
       if weights_AxK is not None:
         nll_BxA = nll_BxA * weights_AxK[jnp.arange(len(offsets)), labels_BxA]
       return jnp.mean(nll_BxA), logp_BxAxK
 
-    (loss, logp_BxAxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # real_tokens: the slots the encoder reads (events, and the anchors), not PAD
+    extra = {'real_tokens': jnp.sum(encoder.sequence_slots(net.cfg, batch['tokens'])[0]
+                                    ).astype(jnp.float32)}
+    if layout is None:
+      (loss, logp_BxAxK), grads = grad_fn(state['params'], None)
+    else:  # the sequences packed when they fit the rows, else in their own rows: same loss
+      plan = encoder.packing_plan(net.cfg, batch['tokens'], layout)
+      (loss, logp_BxAxK), grads = jax.lax.cond(
+          plan.fits, lambda p: grad_fn(p, (layout, plan)), lambda p: grad_fn(p, None),
+          state['params'])
+      extra['packed'] = plan.fits
     acc_A = jnp.mean(jnp.argmax(logp_BxAxK, -1) == labels_BxA, axis=0)
     grad_norm = optax.global_norm(grads)
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
     return state, {'loss': loss, **{f'acc/{n}': acc_A[i] for i, n in enumerate(names)},
-                   'grad_norm': grad_norm, 'lr': schedule(step), **flags}
+                   'grad_norm': grad_norm, 'lr': schedule(step), **extra, **flags}
 
   val = None
   if 'validation' in exp.sources:
@@ -213,6 +227,15 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
       train_step=train_step, batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * net.cfg.flops_per_token(config.model.seq_len, True))
+
+
+def packing_layout(exp: experiment_lib.Experiment, cfg: encoder.EncoderConfig, batch: int,
+                   fraction: float) -> packing.Layout | None:
+  """How a training batch of `batch` sequences packs for the encoder on this mesh, or None."""
+  anchors = 2 if cfg.anchors else 0
+  width = exp.model_cfg.seq_len + anchors
+  min_slots = min(width, int(exp.length_bounds.min) + anchors)
+  return packing.layout(batch, sharding_lib.batch_shards(exp.mesh), fraction, width, min_slots)
 
 
 def heldout_figures(qm: interface.QualityModel, tokens_NxT, prompt_NxC, batch_size: int,

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diverse_cfg import model as model_lib
+from diverse_cfg import packing as packing_lib
 from diverse_cfg import specials
 from diverse_cfg.data import meta as meta_lib
 
@@ -156,20 +157,24 @@ class EncoderAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT):
+  def __call__(self, x_BxTxD, mask_BxT, pos_BxT, segments_BxT=None):
     c = self.cfg
-    pos_T = jnp.arange(x_BxTxD.shape[1])
     proj = lambda n: _kernel(self, n, (c.d_model, c.num_heads, c.head_dim),
                              ('embed', 'heads', 'kv'), c.jnp_dtype)
-    q_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_T,
+    q_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_BxT,
                                  c.rope_base)
-    k_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_T,
+    k_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_BxT,
                                  c.rope_base)
     v_BxHxTxK = jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('value'))
     scores_BxHxTxS = jnp.einsum('bhtk,bhsk->bhts', q_BxHxTxK, k_BxHxTxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
     # Padding keys are hidden; a row with no events attends uniformly (finite, then unused).
-    scores_BxHxTxS = jnp.where(mask_BxT[:, None, None, :], scores_BxHxTxS, model_lib.NEG_INF)
+    # Packed rows: a slot sees only the keys of its own sequence (segment).
+    visible_BxTxS = jnp.broadcast_to(mask_BxT[:, None, :], scores_BxHxTxS.shape[:1] +
+                                     scores_BxHxTxS.shape[2:])
+    if segments_BxT is not None:
+      visible_BxTxS = visible_BxTxS & (segments_BxT[:, :, None] == segments_BxT[:, None, :])
+    scores_BxHxTxS = jnp.where(visible_BxTxS[:, None], scores_BxHxTxS, model_lib.NEG_INF)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(c.jnp_dtype)
     out_BxHxTxK = jnp.einsum('bhts,bhsk->bhtk', probs_BxHxTxS, v_BxHxTxK)
     w_out = _kernel(self, 'out', (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'),
@@ -193,43 +198,77 @@ class EncoderBlock(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT):
+  def __call__(self, x_BxTxD, mask_BxT, pos_BxT, segments_BxT=None):
     norm = functools.partial(model_lib.RMSNorm, self.cfg.jnp_dtype)
-    x_BxTxD = x_BxTxD + EncoderAttention(self.cfg, name='attn')(norm(name='attn_norm')(x_BxTxD),
-                                                                 mask_BxT)
+    x_BxTxD = x_BxTxD + EncoderAttention(self.cfg, name='attn')(
+        norm(name='attn_norm')(x_BxTxD), mask_BxT, pos_BxT, segments_BxT)
     x_BxTxD = x_BxTxD + EncoderMLP(self.cfg, name='mlp')(norm(name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
 
 
+def encoder_rows(cfg: EncoderConfig, tokens_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the rows the encoder reads, their mask: keys attended and positions pooled)."""
+  if cfg.anchors:
+    rows_BxW = anchored(tokens_BxT)
+    return rows_BxW, rows_BxW != specials.PAD
+  return tokens_BxT, content_mask(tokens_BxT)
+
+
+def sequence_slots(cfg: EncoderConfig, tokens_BxT: jax.Array) -> tuple[jax.Array, int]:
+  """(slots each sequence takes: its row up to its last masked slot (events; with anchors
+  BOS .. EOS), the rows' width)."""
+  _, mask_BxW = encoder_rows(cfg, tokens_BxT)
+  width = mask_BxW.shape[1]
+  return jnp.max(jnp.where(mask_BxW, jnp.arange(1, width + 1), 0), axis=1).astype(jnp.int32), width
+
+
+def packing_plan(cfg: EncoderConfig, tokens_BxT: jax.Array,
+                 layout: packing_lib.Layout) -> packing_lib.Plan:
+  """Where each sequence goes in layout's packed rows (Encoder's `packing`)."""
+  return layout.plan_slots(*sequence_slots(cfg, tokens_BxT))
+
+
 class Encoder(nn.Module):
-  """tokens [B, T] -> masked mean of the final hidden states [B, pooled_dim] (float32)."""
+  """tokens [B, T] -> masked mean of the final hidden states [B, pooled_dim] (float32).
+
+  packing = (layout, packing_plan(...)): the layers run over the sequences packed
+  several per row (attention within a sequence, positions restarting at each), and
+  each sequence gets the output it gets alone.
+  """
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT):
+  def __call__(self, tokens_BxT, packing=None):
     c = self.cfg
-    if c.anchors:
-      tokens_BxT = anchored(tokens_BxT)
-      mask_BxT = tokens_BxT != specials.PAD
-    else:
-      mask_BxT = content_mask(tokens_BxT)
+    tokens_BxT, mask_BxT = encoder_rows(c, tokens_BxT)
+    batch, width = tokens_BxT.shape
     emb_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
                                             ('vocab', 'embed'))
-    x_BxTxD = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init,
-                       name='embed')(tokens_BxT).astype(c.jnp_dtype)
     feature_init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
                                                 ('feature_values', 'embed'))
     embeds = [(f'feature_{i}', max(t) + 1, lookup(t, tokens_BxT))
               for i, t in enumerate(c.token_features)]
     embeds += [(f'step_{i}', 2 * max(t) + 2, step_ids(t, tokens_BxT))
                for i, t in enumerate(c.token_steps)]
-    for name, num_values, ids_BxT in embeds:
-      x_BxTxD = x_BxTxD + nn.Embed(num_values, c.d_model, embedding_init=feature_init,
-                                   name=name)(ids_BxT).astype(c.jnp_dtype)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
+    pos_BxW = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    inputs_BxW, keys_BxW, segments_BxW = tokens_BxT, mask_BxT, None
+    if packing is not None:  # every per-slot input moves to its packed slot
+      layout, plan = packing
+      place = functools.partial(layout.place, plan)
+      inputs_BxW, keys_BxW, pos_BxW = place(tokens_BxT), place(mask_BxT), place(pos_BxW)
+      segments_BxW = place(packing_lib.segment_ids(batch, width, layout.groups))
+      embeds = [(name, n, place(ids)) for name, n, ids in embeds]
+    x_BxWxD = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init,
+                       name='embed')(inputs_BxW).astype(c.jnp_dtype)
+    for name, num_values, ids_BxW in embeds:
+      x_BxWxD = x_BxWxD + nn.Embed(num_values, c.d_model, embedding_init=feature_init,
+                                   name=name)(ids_BxW).astype(c.jnp_dtype)
+    x_BxWxD = nn.with_logical_constraint(x_BxWxD, ('batch', 'length', 'embed'))
     for i in range(c.num_layers):
-      x_BxTxD = EncoderBlock(c, name=f'layer_{i}')(x_BxTxD, mask_BxT)
-    h_BxTxD = model_lib.RMSNorm(jnp.float32, name='final_norm')(x_BxTxD)
+      x_BxWxD = EncoderBlock(c, name=f'layer_{i}')(x_BxWxD, keys_BxW, pos_BxW, segments_BxW)
+    h_BxTxD = model_lib.RMSNorm(jnp.float32, name='final_norm')(x_BxWxD)
+    if packing is not None:  # back to one sequence per row, zeros past its slots
+      h_BxTxD = layout.unpack(h_BxTxD, plan, 0, width)
     w_BxT = mask_BxT.astype(jnp.float32)
     # An empty row pools to zeros, so every empty sequence gets the same output.
     mean_BxD = jnp.einsum('btd,bt->bd', h_BxTxD, w_BxT) / jnp.maximum(w_BxT.sum(-1), 1.0)[:, None]
@@ -278,8 +317,8 @@ class ClassifierNet(nn.Module):
   num_classes: Sequence[int]  # per attribute
 
   @nn.compact
-  def __call__(self, tokens_BxT):
-    pooled_BxD = Encoder(self.cfg, name='encoder')(tokens_BxT)
+  def __call__(self, tokens_BxT, packing=None):
+    pooled_BxD = Encoder(self.cfg, name='encoder')(tokens_BxT, packing)
     num_attr, k_max = len(self.num_classes), max(self.num_classes)
     w_DxAxK = self.param('head', nn.with_logical_partitioning(
         nn.initializers.normal(self.cfg.pooled_dim ** -0.5), ('embed', 'attributes', 'classes')),

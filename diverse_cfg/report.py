@@ -167,7 +167,7 @@ def render_samples(meta, samples: dict[str, np.ndarray], prompts_PxC, num_prompt
   return files
 
 
-CURVES = ('kl', 'reward/diversity', 'entropy', 'length')
+CURVES = ('kl', 'kl_heldout', 'reward/diversity', 'entropy', 'length')
 
 
 def plot_curves(runs: dict[float, list[dict]], path: str) -> str | None:

@@ -49,9 +49,10 @@ def get_config(arg: str = 'cpu'):
     c.finetune.lr = 3e-4
     c.finetune.eval_every = 100
     c.finetune.ckpt_every = 100
-    # 192 test prompts x 4: the claim-2 quality difference's 95 % interval is +-0.023 at 128
-    # prompts on this version's demo model (+-0.019-0.020 on an earlier one, +-0.032 at 32), so
-    # +-0.02 needs ~170; at 192 it is +-0.018 (docs/results_essen.md).
+    # 192 test prompts x 4: the claim-2 quality difference's 95 % interval was +-0.023 at 128
+    # prompts on the demo's model with 100-step students (+-0.032 at 32), so +-0.02 needs ~170;
+    # at 192 it is +-0.018 with those students, +-0.016 with the 200-step ones
+    # (docs/results_essen.md).
     c.evaluate.num_prompts = 192
   elif preset == 'pod':
     # ~300M params; a v5e-64 / 8x8 GPU layout: 8-way data, 4-way fsdp, 2-way tensor.

@@ -74,7 +74,7 @@ def test_the_interval_of_a_line_plus_noise_covers_the_true_change():
 def test_serially_correlated_noise_widens_the_interval_to_keep_its_coverage():
   """A probe read at every log step drifts with the parameters: AR(1) residuals (phi 0.7).
   Without the AR(1) widening the 90 % intervals cover the true change ~51 % of the time; with
-  it ~80 % (15 points per window: rho is estimated from few residuals)."""
+  it ~81 % (15 points per window: rho is estimated from few residuals)."""
   rng = np.random.default_rng(2)
   true = -1.5 / 17.75
 

@@ -13,10 +13,12 @@ import pytest
 
 import helpers
 from configs import essen as essen_config
+from diverse_cfg import checkpoints
 from diverse_cfg import config_lib
 from diverse_cfg import evaluators
 from diverse_cfg import sharding as sharding_lib
 from diverse_cfg import specials
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.data import melody
 from diverse_cfg.data import meta as meta_lib
 from diverse_cfg.data import registry
@@ -250,6 +252,19 @@ def test_loaders_restore_onto_another_mesh(trained):
   emb_kernel = loaded.params['encoder']['embed']['embedding']
   assert emb_kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
   np.testing.assert_allclose(loaded(tokens), want, atol=1e-5)
+
+
+def test_frozen_models_load_from_the_work_directory_what_is_not_given(trained, tmp_path):
+  user = evaluators.Embedder(apply=lambda _, t: jax.nn.one_hot(t[:, 0], 4), params={})
+  tokens, prompt = trained['test']['tokens'][:8], trained['test']['prompt'][:8]
+  emb, qm = evaluators.frozen_models(workdir_lib.WorkDir(str(trained['root'])), embedder=user)
+  assert emb is user
+  np.testing.assert_allclose(qm.quality(tokens, prompt), trained['quality'].quality(tokens, prompt),
+                             rtol=1e-6)
+  empty = workdir_lib.WorkDir(str(tmp_path))
+  assert evaluators.frozen_models(empty, embedder=user) == (user, None)
+  with pytest.raises(checkpoints.CheckpointError, match='no checkpoint'):
+    evaluators.frozen_models(empty)
 
 
 def test_classifier_starts_from_the_trained_embedders_encoder(trained):

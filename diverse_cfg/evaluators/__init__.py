@@ -26,8 +26,8 @@ Trained ones load from their run directory onto any mesh:
 
     load_embedder(DIR/embedder, mesh=None, rules=None) -> Embedder
     load_quality_model(DIR/classifier, mesh=None, rules=None) -> QualityModel
-    frozen_models(WorkDir(DIR), embedder=None, quality_model=None) -> both, the work
-        directory's unless given
+    frozen_models(WorkDir(DIR), embedder=None, quality_model=None) -> both, each the work
+        directory's unless given (the other one None when one is given and the other absent)
 
 Measures (metrics.py):
 
@@ -52,6 +52,7 @@ Stages (python -m diverse_cfg.main --stage=embedder|classifier ...) train
 them with the shared loop and write held-out figures to DIR/<stage>/heldout.json.
 """
 
+from diverse_cfg import workdir as workdir_lib
 from diverse_cfg.evaluators.classifier import load_quality_model
 from diverse_cfg.evaluators.embedder import load_embedder
 from diverse_cfg.evaluators.interface import Embedder
@@ -67,7 +68,16 @@ from diverse_cfg.evaluators.metrics import shared_ngram_fraction
 
 
 def frozen_models(workdir, embedder=None, quality_model=None):
-  """(embedder, quality model): the ones given, else, when neither is, the work directory's."""
+  """(embedder, quality model): each the one given, else the work directory's.
+
+  With neither given both must be in the work directory (a clear error names the one
+  missing); with one given, the other is loaded when the work directory has it, else None
+  (finetuning needs no quality model; its periodic evaluation then skips quality).
+  """
   if embedder is None and quality_model is None:
     return load_embedder(workdir.embedder), load_quality_model(workdir.classifier)
+  if embedder is None and workdir_lib.find_checkpoints(workdir.embedder):
+    embedder = load_embedder(workdir.embedder)
+  if quality_model is None and workdir_lib.find_checkpoints(workdir.classifier):
+    quality_model = load_quality_model(workdir.classifier)
   return embedder, quality_model

@@ -95,9 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   f.temperature = 1.0  # student sampling temperature during finetuning (1 = on-policy)
   f.eval_prompts = 32  # held-out prompts for the periodic quality/diversity evaluation
   f.eval_k = 4
-  # Converged? The 90 % interval of the change of the KL's least-squares line over the last
-  # plateau_window of the steps lies within +-plateau_tol of its mean (diverse_cfg/convergence.py);
-  # reported, never enforced.
+  # Converged? The 90 % interval of the change of the least-squares line of the held-out or the
+  # on-policy KL over the last plateau_window of the steps lies within +-plateau_tol of its mean,
+  # and neither moves by more (diverse_cfg/convergence.py); reported, never enforced.
   f.plateau_window = 0.5
   f.plateau_tol = 0.1
 

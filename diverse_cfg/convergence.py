@@ -13,12 +13,14 @@ most tol), is *moving* when the whole interval lies beyond it, and is
 *undecided* when its noise is too large to tell in this many steps. It needs
 at least 3 logged points in the window; with fewer it says so.
 
-A student (`check`) has converged when its held-out KL (`kl_heldout`: the
+A student (`check`) has converged when one of its two KL readings has
+plateaued and neither is moving: the held-out KL (`kl_heldout`: the
 distillation KL teacher-forced on the same held-out sequences at every log
-step, finetune.heldout_kl_fn) has plateaued and its on-policy KL (`kl`, a
-Monte-Carlo estimate over each step's rollouts, too noisy alone to show a
-plateau in a short run) is not moving. Runs logged without `kl_heldout` are
-judged on `kl` alone.
+step, finetune.heldout_kl_fn; free of sampling noise, but it drifts with the
+parameters, slowly when a diversity reward keeps them moving) and the
+on-policy KL (`kl`, a Monte-Carlo estimate over each step's rollouts: noisy,
+but nearly independent from one logged step to the next). Runs logged without
+`kl_heldout` are judged on `kl` alone.
 """
 
 from __future__ import annotations
@@ -112,22 +114,24 @@ def lag1_autocorrelation(resid) -> float:
 
 
 def describe(name: str, verdict: dict) -> str:
-  if 'reason' in verdict:
-    return f'{name}: convergence unknown ({verdict["reason"]})'
+  """One line: a plateau() reading, or check()'s verdict with each of its readings."""
+  readings = verdict.get('readings', [verdict])
+  if len(readings) == 1 and 'reason' in readings[0]:
+    return f'{name}: convergence unknown ({readings[0]["reason"]})'
   state = {'plateaued': 'plateaued', 'moving': 'is still moving',
            'undecided': 'plateau undecided (too noisy to tell in these steps)'}
-  lo, hi = verdict['window_steps']
 
   def reading(v):
+    if 'reason' in v:
+      return f'{v["metric"]} unknown ({v["reason"]})'
+    lo, hi = v['window_steps']
     c_lo, c_hi = v['relative_change_interval']
     return (f'{v["metric"]} {state[v["verdict"]]} ({v["relative_change"]:+.1%} '
             f'[{c_lo:+.1%}, {c_hi:+.1%}] over steps {lo}-{hi}, mean {v["mean"]:.4g})')
 
-  parts = [reading(verdict)]
-  if 'on_policy' in verdict and 'reason' not in verdict['on_policy']:
-    parts.append(reading(verdict['on_policy']))
   overall = 'converged' if verdict['plateaued'] else 'not shown converged'
-  return f'{name}: {overall}: {"; ".join(parts)}; criterion: {verdict["criterion"]}'
+  return (f'{name}: {overall}: {"; ".join(reading(r) for r in readings)}; '
+          f'criterion: {verdict["criterion"]}')
 
 
 def run_metrics(run_dir: str) -> list[dict]:
@@ -137,15 +141,17 @@ def run_metrics(run_dir: str) -> list[dict]:
 
 def check(rows: list[dict], f) -> dict:
   """A student's verdict from its logged rows, with the finetune section's window and tol:
-  the held-out KL plateaued and the on-policy KL not moving (module docstring)."""
-  heldout = plateau(rows, 'kl_heldout', f.plateau_window, f.plateau_tol)
-  on_policy = plateau(rows, 'kl', f.plateau_window, f.plateau_tol)
-  if heldout.get('reason', '').startswith('no '):  # logged before the held-out KL existed
-    return on_policy
-  verdicts = (heldout['verdict'], on_policy['verdict'])
-  plateaued = heldout['plateaued'] and on_policy['verdict'] != 'moving'
-  criterion = (f'{heldout["criterion"]}, and the same line of the on-policy kl is not shown '
-               f'to move by more')
-  return {**heldout, 'plateaued': plateaued, 'criterion': criterion, 'on_policy': on_policy,
+  {'plateaued', 'verdict', 'criterion', 'readings': the plateau() of kl_heldout and of kl}.
+  Converged: one of them plateaued, neither moving (module docstring)."""
+  readings = [plateau(rows, key, f.plateau_window, f.plateau_tol) for key in ('kl_heldout', 'kl')]
+  if readings[0].get('reason', '').startswith('no '):  # logged before the held-out KL existed
+    readings = readings[1:]
+  verdicts = [r['verdict'] for r in readings if 'reason' not in r]
+  plateaued = 'plateaued' in verdicts and 'moving' not in verdicts
+  criterion = (f'least-squares line of {" or ".join(r["metric"] for r in readings)} over the last '
+               f'{f.plateau_window:.0%} of steps moves by <= {f.plateau_tol:.0%} of its mean, at '
+               f'{LEVEL:.0%} confidence' + (', and neither is shown to move by more'
+                                            if len(readings) > 1 else ''))
+  return {'plateaued': plateaued, 'criterion': criterion, 'readings': readings,
           'verdict': 'plateaued' if plateaued else 'moving' if 'moving' in verdicts
           else 'undecided'}

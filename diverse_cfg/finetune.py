@@ -196,12 +196,12 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
       tokens_per_step=rows * cfg.seq_len, flops_per_step=finetune_flops(cfg, rows))
 
 
-def heldout_examples(exp: experiment_lib.Experiment, split: str = 'validation',
-                     n: int | None = None) -> dict[str, np.ndarray]:
-  """{'tokens', 'prompt'} of the first n (default finetune.eval_prompts) examples of a
-  held-out split (deterministic)."""
+def heldout_examples(exp: experiment_lib.Experiment,
+                     split: str = 'validation') -> dict[str, np.ndarray]:
+  """{'tokens', 'prompt'} of the first finetune.eval_prompts examples of a held-out split
+  (deterministic)."""
   src = exp.sources.get(split) or exp.sources['test']
-  n = min(n or exp.config.finetune.eval_prompts, len(src))
+  n = min(exp.config.finetune.eval_prompts, len(src))
   return {key: np.stack([np.asarray(src[i][key]) for i in range(n)]).astype(np.int32)
           for key in ('tokens', 'prompt')}
 

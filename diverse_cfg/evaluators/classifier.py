@@ -154,14 +154,12 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
   offsets, names = tuple(cl.prompt_offsets), tuple(cl.attribute_names)
   tx, schedule = training.make_optimizer(cl)
   init_state = training.init_state_fn(encoder.init_fn(net), tx)
-  warm_start = None
-  if cl.init_from_embedder:
-    if embedder_dir is None:
-      raise ValueError('config.classifier.init_from_embedder=True: pass embedder_dir')
+  if cl.init_from_embedder and embedder_dir is None:
+    raise ValueError('config.classifier.init_from_embedder=True: pass embedder_dir')
 
-    def warm_start(state):  # a fresh run only: the encoder is the embedder's, the heads new
-      return {'params': {**state['params'], 'encoder': embedder_encoder_params(exp, embedder_dir)},
-              'opt_state': state['opt_state']}
+  def from_embedder(state):  # a fresh run only: the encoder is the embedder's, the heads new
+    return {'params': {**state['params'], 'encoder': embedder_encoder_params(exp, embedder_dir)},
+            'opt_state': state['opt_state']}
 
   weights_AxK = None
   if cl.class_balance:
@@ -223,7 +221,8 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
                                         batch_sharding, keys=BATCH_KEYS)
   tokens_per_step = cl.batch_size * config.model.seq_len
   return training.Task(
-      name='classifier', init_state=init_state, warm_start=warm_start,
+      name='classifier', init_state=init_state,
+      warm_start=from_embedder if cl.init_from_embedder else None,
       train_step=train_step, batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * net.cfg.flops_per_token(config.model.seq_len, True))

@@ -181,7 +181,7 @@ def test_packed_encoder_gives_each_sequence_its_output_and_gradient_alone(anchor
   labels = jnp.asarray(np.random.default_rng(1).integers(0, 3, (8, 2)))
   params = nn.meta.unbox(net.init(jax.random.key(0), tokens)['params'])
   layout = packing.layout(8, groups, 0.5)
-  plan = encoder.packing_plan(cfg, tokens, layout)
+  plan = layout.plan_slots(*encoder.sequence_slots(cfg, tokens))
   assert bool(plan.fits)
   slots = np.asarray(plan.slots)
   np.testing.assert_array_equal(slots, np.asarray(lengths) + (2 if anchors else 0))

@@ -183,12 +183,12 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     # real_tokens: the slots the encoder reads (events, and the anchors), not PAD
-    extra = {'real_tokens': jnp.sum(encoder.sequence_slots(net.cfg, batch['tokens'])[0]
-                                    ).astype(jnp.float32)}
+    slots_B, width = encoder.sequence_slots(net.cfg, batch['tokens'])
+    extra = {'real_tokens': jnp.sum(slots_B).astype(jnp.float32)}
     if layout is None:
       (loss, logp_BxAxK), grads = grad_fn(state['params'], None)
     else:  # the sequences packed when they fit the rows, else in their own rows: same loss
-      plan = encoder.packing_plan(net.cfg, batch['tokens'], layout)
+      plan = layout.plan_slots(slots_B, width)
       (loss, logp_BxAxK), grads = jax.lax.cond(
           plan.fits, lambda p: grad_fn(p, (layout, plan)), lambda p: grad_fn(p, None),
           state['params'])

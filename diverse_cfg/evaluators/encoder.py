@@ -157,13 +157,14 @@ class EncoderAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, pos_BxT, segments_BxT=None):
+  def __call__(self, x_BxTxD, mask_BxT, pos_xT, segments_BxT=None):
+    """pos_xT: positions, [T] (every row alike) or [B, T]."""
     c = self.cfg
     proj = lambda n: _kernel(self, n, (c.d_model, c.num_heads, c.head_dim),
                              ('embed', 'heads', 'kv'), c.jnp_dtype)
-    q_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_BxT,
+    q_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('query')), pos_xT,
                                  c.rope_base)
-    k_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_BxT,
+    k_BxHxTxK = model_lib.rotary(jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('key')), pos_xT,
                                  c.rope_base)
     v_BxHxTxK = jnp.einsum('btd,dhk->bhtk', x_BxTxD, proj('value'))
     scores_BxHxTxS = jnp.einsum('bhtk,bhsk->bhts', q_BxHxTxK, k_BxHxTxK,
@@ -198,10 +199,10 @@ class EncoderBlock(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, pos_BxT, segments_BxT=None):
+  def __call__(self, x_BxTxD, mask_BxT, pos_xT, segments_BxT=None):
     norm = functools.partial(model_lib.RMSNorm, self.cfg.jnp_dtype)
     x_BxTxD = x_BxTxD + EncoderAttention(self.cfg, name='attn')(
-        norm(name='attn_norm')(x_BxTxD), mask_BxT, pos_BxT, segments_BxT)
+        norm(name='attn_norm')(x_BxTxD), mask_BxT, pos_xT, segments_BxT)
     x_BxTxD = x_BxTxD + EncoderMLP(self.cfg, name='mlp')(norm(name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed'))
 
@@ -222,18 +223,12 @@ def sequence_slots(cfg: EncoderConfig, tokens_BxT: jax.Array) -> tuple[jax.Array
   return jnp.max(jnp.where(mask_BxW, jnp.arange(1, width + 1), 0), axis=1).astype(jnp.int32), width
 
 
-def packing_plan(cfg: EncoderConfig, tokens_BxT: jax.Array,
-                 layout: packing_lib.Layout) -> packing_lib.Plan:
-  """Where each sequence goes in layout's packed rows (Encoder's `packing`)."""
-  return layout.plan_slots(*sequence_slots(cfg, tokens_BxT))
-
-
 class Encoder(nn.Module):
   """tokens [B, T] -> masked mean of the final hidden states [B, pooled_dim] (float32).
 
-  packing = (layout, packing_plan(...)): the layers run over the sequences packed
-  several per row (attention within a sequence, positions restarting at each), and
-  each sequence gets the output it gets alone.
+  packing = (layout, layout.plan_slots(*sequence_slots(cfg, tokens))): the layers run over the
+  sequences packed several per row (attention within a sequence, positions restarting at
+  each), and each sequence gets the output it gets alone.
   """
   cfg: EncoderConfig
 
@@ -250,12 +245,13 @@ class Encoder(nn.Module):
               for i, t in enumerate(c.token_features)]
     embeds += [(f'step_{i}', 2 * max(t) + 2, step_ids(t, tokens_BxT))
                for i, t in enumerate(c.token_steps)]
-    pos_BxW = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    pos_xW = jnp.arange(width, dtype=jnp.int32)  # every row alike, unless packed
     inputs_BxW, keys_BxW, segments_BxW = tokens_BxT, mask_BxT, None
     if packing is not None:  # every per-slot input moves to its packed slot
       layout, plan = packing
       place = functools.partial(layout.place, plan)
-      inputs_BxW, keys_BxW, pos_BxW = place(tokens_BxT), place(mask_BxT), place(pos_BxW)
+      inputs_BxW, keys_BxW = place(tokens_BxT), place(mask_BxT)
+      pos_xW = place(jnp.broadcast_to(pos_xW, (batch, width)))
       segments_BxW = place(packing_lib.segment_ids(batch, width, layout.groups))
       embeds = [(name, n, place(ids)) for name, n, ids in embeds]
     x_BxWxD = nn.Embed(c.padded_vocab, c.d_model, embedding_init=emb_init,
@@ -265,7 +261,7 @@ class Encoder(nn.Module):
                                    name=name)(ids_BxW).astype(c.jnp_dtype)
     x_BxWxD = nn.with_logical_constraint(x_BxWxD, ('batch', 'length', 'embed'))
     for i in range(c.num_layers):
-      x_BxWxD = EncoderBlock(c, name=f'layer_{i}')(x_BxWxD, keys_BxW, pos_BxW, segments_BxW)
+      x_BxWxD = EncoderBlock(c, name=f'layer_{i}')(x_BxWxD, keys_BxW, pos_xW, segments_BxW)
     h_BxTxD = model_lib.RMSNorm(jnp.float32, name='final_norm')(x_BxWxD)
     if packing is not None:  # back to one sequence per row, zeros past its slots
       h_BxTxD = layout.unpack(h_BxTxD, plan, 0, width)

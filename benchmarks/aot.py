@@ -196,7 +196,7 @@ def pretrain_program(exp) -> Program:
   batch = {'tokens': _abstract((t.batch_size, cfg.seq_len), jnp.int32, batch_s),
            'prompt': _abstract((t.batch_size, cfg.prompt_len), jnp.int32, batch_s)}
   fn = jax.jit(pretrain.train_step_fn(cfg, tx, schedule, exp.config.seed,
-                                      exp.packing(t.batch_size, t.packed_rows)),
+                                      exp.packing(t.batch_size, t)),
                in_shardings=(shardings, batch_s, repl), out_shardings=(shardings, repl),
                donate_argnums=0)
   tokens = t.batch_size * cfg.seq_len
@@ -222,7 +222,7 @@ def finetune_program(exp) -> Program:
   step = finetune.finetune_step_fn(cfg, f, tx, schedule, float(max(f.betas)), exp.config.seed,
                                    embedder_lib.make_embedder(net, None).apply,
                                    finetune.teacher_guidance(exp.config), exp.length_bounds,
-                                   exp.packing(rows, f.packed_rows))
+                                   exp.packing(rows, f))
   fn = jax.jit(step, in_shardings=(shardings, batch_s, repl, frozen_s),
                out_shardings=(shardings, repl), donate_argnums=0)
   batch = {'prompt': _abstract((f.batch_size, cfg.prompt_len), jnp.int32, batch_s)}

@@ -3,14 +3,15 @@ classifier steps.
 
 On a pipeline run's work directory (its dataset, base model and embedder):
 * pretraining step, real batches from the train split, for each
-  (batch, packed_rows) in --pretrain: seconds per step (median over --steps
-  distinct batches), real tokens per step and per
-  second, the share of batches that fit the packed rows;
+  batch:packed_rows[:packed_shapes] in --pretrain (shapes: the config's when not
+  given): seconds per step (median over --steps distinct batches), real tokens
+  per step and per second, the share of batches that fit the packed rows, the
+  mean rows computed on;
 * finetuning step (rollout + teacher scoring + student update from the base
-  model, one student beta) for each packed_rows in --finetune: the same; and
+  model, or with --from_student from the trained student, of one beta) for each packed_rows[:packed_shapes] in --finetune: the same; and
   the rollout alone (packing does not touch it), on the same prompts;
 * the classifier's training step (the evaluators' encoder, real batches) for
-  each packed_rows in --classifier.
+  each packed_rows[:packed_shapes] in --classifier.
 An empty list skips its table.
 Compilation is excluded, every timed call ends with block_until_ready, and
 the settings are timed interleaved (A B C A B C ...), so a change in the
@@ -34,6 +35,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks.common import time_interleaved
+from diverse_cfg import checkpoints
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
@@ -46,12 +48,16 @@ from diverse_cfg.evaluators import classifier
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A pipeline run (pretrain + embedder done).')
-_PRETRAIN = flags.DEFINE_string('pretrain', '32:0,32:0.5,64:0.5',
-                                'batch:packed_rows pairs for the pretraining step.')
-_FINETUNE = flags.DEFINE_string('finetune', '0,0.5', 'packed_rows values for the finetuning step.')
-_CLASSIFIER = flags.DEFINE_string('classifier', '0,0.5',
-                                  'packed_rows values for the classifier step.')
+_PRETRAIN = flags.DEFINE_string('pretrain', '32:0,32:0.5:1,32:0.5',
+                                'batch:packed_rows[:packed_shapes] for the pretraining step.')
+_FINETUNE = flags.DEFINE_string('finetune', '0,0.5:1,0.5',
+                                'packed_rows[:packed_shapes] for the finetuning step.')
+_CLASSIFIER = flags.DEFINE_string('classifier', '0,0.5:1,0.5',
+                                  'packed_rows[:packed_shapes] for the classifier step.')
 _BETA = flags.DEFINE_float('beta', 8.0, 'The student whose step is timed.')
+_FROM_STUDENT = flags.DEFINE_bool(
+    'from_student', False, "Time the finetuning step from the work directory's trained student "
+    'of --beta (its rollouts, e.g. shorter ones), not from the base model.')
 _STEPS = flags.DEFINE_integer('steps', 12, 'Distinct batches (timed calls) per setting.')
 _OUT = flags.DEFINE_string('out', None, 'Optional JSON output path.')
 
@@ -73,11 +79,12 @@ def program(task: training.Task, state, steps: int, frozen=()):
   return call, metrics
 
 
-def summarise(batch: int, fraction: float, timing: dict, metrics: list) -> dict:
+def summarise(batch: int, packing: tuple, timing: dict, metrics: list) -> dict:
   metrics = jax.device_get(metrics)
   real = float(np.mean([m['real_tokens'] for m in metrics]))
-  return {'batch': batch, 'packed_rows': fraction,
+  return {'batch': batch, 'packed_rows': packing[0], 'packed_shapes': packing[1],
           'packed_share': float(np.mean([bool(m.get('packed', False)) for m in metrics])),
+          'rows': float(np.mean([m.get('rows', batch) for m in metrics])),
           'sec_per_step': timing['median_s'], 'real_tokens_per_step': real,
           'real_tokens_per_sec': real / timing['median_s']}
 
@@ -85,17 +92,18 @@ def summarise(batch: int, fraction: float, timing: dict, metrics: list) -> dict:
 def table(rows: list[dict], title: str) -> str:
   base = rows[0]['real_tokens_per_sec']
   lines = [f'### {title}', '',
-           '| batch | packed_rows | packed batches | s/step (median) | real tokens/step | '
-           'real tokens/s | speed-up |', '|---|---|---|---|---|---|---|']
+           '| batch | packed_rows | shapes | packed batches | rows (mean) | s/step (median) | '
+           'real tokens/step | real tokens/s | speed-up |', '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f"| {r['batch']} | {r['packed_rows']:g} | {r['packed_share']:.2f} | "
+    lines.append(f"| {r['batch']} | {r['packed_rows']:g} | {r['packed_shapes']} | "
+                 f"{r['packed_share']:.2f} | {r['rows']:.1f} | "
                  f"{r['sec_per_step']:.3f} | {r['real_tokens_per_step']:.0f} | "
                  f"{r['real_tokens_per_sec']:.0f} | {r['real_tokens_per_sec'] / base:.2f}x |")
   return '\n'.join(lines)
 
 
 def measure(settings: dict, steps: int, extra=None) -> dict:
-  """settings: name -> (batch, packed_rows, mesh, rules, call, metrics); timed interleaved with
+  """settings: name -> (batch, (packed_rows, packed_shapes), mesh, rules, call, metrics); timed interleaved with
   the `extra` calls, whose median seconds are returned as {name: seconds}."""
   calls = dict(extra or {})
   for name, (_, _, mesh, rules, call, _) in settings.items():
@@ -113,6 +121,15 @@ def items(flag_value: str) -> list[str]:
   return [x for x in flag_value.split(',') if x]
 
 
+def packing_setting(section, item: str) -> tuple[float, int]:
+  """Sets a config section's packed_rows[:packed_shapes] from `item`; returns both."""
+  fraction, *shapes = item.split(':')
+  section.packed_rows = float(fraction)
+  if shapes:
+    section.packed_shapes = int(shapes[0])
+  return section.packed_rows, section.packed_shapes
+
+
 def main(_):
   config, workdir, steps = _CONFIG.value, _WORKDIR.value, _STEPS.value
   print(f'devices: {jax.devices()}')
@@ -120,9 +137,10 @@ def main(_):
   out = {}
   settings = {}
   for item in items(_PRETRAIN.value):
-    batch, fraction = int(item.split(':')[0]), float(item.split(':')[1])
+    batch, setting = item.split(':', 1)
     c = config.copy_and_resolve_references()
-    c.train.batch_size, c.train.packed_rows = batch, fraction
+    c.train.batch_size = batch = int(batch)
+    fraction = packing_setting(c.train, setting)
     exp = experiment_lib.prepare(c)
     task = pretrain.make_task(exp)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
@@ -132,14 +150,14 @@ def main(_):
     print(table(out['pretrain'], 'Pretraining step (real batches of the train split)'), '\n')
 
   settings = {}
-  for fraction in (float(x) for x in items(_CLASSIFIER.value)):
+  for item in items(_CLASSIFIER.value):
     c = config.copy_and_resolve_references()
-    c.classifier.packed_rows = fraction
+    fraction = packing_setting(c.classifier, item)
     exp = classifier.prepare(c)
     task = classifier.make_task(exp, wd.embedder)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
-    settings[fraction] = (c.classifier.batch_size, fraction, exp.mesh, exp.rules,
-                          *program(task, state, steps))
+    settings[item] = (c.classifier.batch_size, fraction, exp.mesh, exp.rules,
+                      *program(task, state, steps))
   if settings:
     out['classifier'] = list(measure(settings, steps).values())
     print(table(out['classifier'], "Classifier step (the evaluators' encoder; real batches)"),
@@ -147,14 +165,19 @@ def main(_):
 
   settings = {}
   embedder = evaluators.load_embedder(wd.embedder) if _FINETUNE.value else None
-  for fraction in (float(x) for x in items(_FINETUNE.value)):
+  for item in items(_FINETUNE.value):
     c = config.copy_and_resolve_references()
-    c.finetune.packed_rows = fraction
+    fraction = packing_setting(c.finetune, item)
     exp = experiment_lib.prepare(c)
     task = finetune.make_task(exp, wd, _BETA.value, embedder)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))
-    settings[fraction] = (c.finetune.batch_size * c.finetune.k, fraction, exp.mesh, exp.rules,
-                          *program(task, task.warm_start(state), steps, (task.frozen,)))
+    state = task.warm_start(state)
+    if _FROM_STUDENT.value:
+      state = {**state, 'params': checkpoints.restore_model_params(
+          workdir_lib.checkpoints(wd.student(_BETA.value)), exp.model_cfg, exp.mesh,
+          exp.rules)[0]}
+    settings[item] = (c.finetune.batch_size * c.finetune.k, fraction, exp.mesh, exp.rules,
+                      *program(task, state, steps, (task.frozen,)))
   if settings:
     # The rollout alone (the student sampling its k rollouts of the same prompts): no packing.
     rollout = jax.jit(functools.partial(sampling.generate, exp.model_cfg, exp.model_cfg.seq_len,
@@ -163,7 +186,7 @@ def main(_):
                for _ in range(steps)]
     calls = itertools.count()
     bounds = sampling.as_traced(exp.length_bounds)
-    params = task.warm_start(state)['params']
+    params = state['params']
 
     def rollout_call():
       i = next(calls)
@@ -173,7 +196,8 @@ def main(_):
     fine = measure(settings, steps, {'rollout': rollout_call})
     out['rollout_s'] = fine.pop('rollout')
     out['finetune'] = list(fine.values())
-    print(table(out['finetune'], f'Finetuning step from the base model (beta {_BETA.value:g}, '
+    start = 'its trained student' if _FROM_STUDENT.value else 'the base model'
+    print(table(out['finetune'], f'Finetuning step from {start} (beta {_BETA.value:g}, '
                                  'batch = prompts x k rollouts)'))
     print(f'\nthe rollout alone (student sampling, no packing): {out["rollout_s"]:.3f} s (median)')
   if _OUT.value:

@@ -78,8 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
                           eval_every=200, eval_batches=8, ckpt_every=200, keep=3)
   # Train in packed rows (diverse_cfg/packing.py) this fraction of the batch's rows, several
   # sequences per row, whenever the batch's sequences fit them (else in its own rows): the
-  # same loss and gradients, compute on real tokens. 0 = never pack.
+  # same loss and gradients, compute on real tokens. 0 = never pack. Each step computes on
+  # the fewest of packed_shapes row counts (each packed_spacing of the batch's rows fewer
+  # than the next; every one compiles) that hold its sequences.
   c.train.packed_rows = 0.5
+  c.train.packed_shapes = 4
+  c.train.packed_spacing = 1 / 32
 
   # CFG distillation + diversity reward. batch_size = prompts per step (P); each step samples
   # P * k sequences. eval_batches is unused (the evaluation uses eval_prompts).
@@ -87,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
                                  min_lr_ratio=1.0, weight_decay=0.0, b1=0.9, b2=0.99,
                                  log_every=10, eval_every=100, eval_batches=0, ckpt_every=100,
                                  keep=2)
-  f.packed_rows = 0.5  # the rollouts' scoring and update, as train.packed_rows
+  # The rollouts' scoring and update, as train.packed_*: wider spacing, since a diversity
+  # reward can shorten the rollouts by a third (Essen).
+  f.packed_rows, f.packed_shapes, f.packed_spacing = 0.5, 4, 1 / 16
   f.betas = (0.0, 8.0)  # one student per beta: beta = 0 (quality) and beta > 0 (diversity)
   f.teacher_gamma = 3.0  # the frozen base model with CFG at this strength is the teacher
   f.kl = 'student_teacher'  # KL(student || teacher) (paper) | 'teacher_student'
@@ -143,8 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
   # the training labels: 0 = plain cross-entropy, 1 = every class weighs as much in total.
   cl.class_balance = 0.0
   # Train on sequences packed several per row into this fraction of the batch's rows whenever
-  # they fit (attention within a sequence; the same loss and gradients), as train.packed_rows.
-  cl.packed_rows = 0.5
+  # they fit (attention within a sequence; the same loss and gradients), as train.packed_*.
+  cl.packed_rows, cl.packed_shapes, cl.packed_spacing = 0.5, 4, 1 / 32
   return c
 
 
@@ -234,6 +240,12 @@ def validate_train(t: ml_collections.ConfigDict, section: str = 'train') -> None
   if 'packed_rows' in t:
     _require(0 <= t.packed_rows <= 1, f'{section}.packed_rows',
              'must be in [0, 1] (a fraction of the batch\'s rows; 0 = never pack)', t.packed_rows)
+  if 'packed_shapes' in t:
+    _require(isinstance(t.packed_shapes, int) and t.packed_shapes >= 1, f'{section}.packed_shapes',
+             'must be an integer >= 1 (packed row counts that compile)', t.packed_shapes)
+  if 'packed_spacing' in t:
+    _require(0 < t.packed_spacing <= 1, f'{section}.packed_spacing',
+             'must be in (0, 1] (a fraction of the batch\'s rows)', t.packed_spacing)
 
 
 def validate_finetune(f: ml_collections.ConfigDict) -> None:

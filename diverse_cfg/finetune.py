@@ -84,8 +84,9 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
 
   guidance is the teacher's (gamma, plausibility); bounds the dataset's
   length bounds, applied to the rollout, the teacher and the student alike.
-  pack: the teacher's scoring and the student's pass run over the rollouts in
-  packed rows whenever they fit them (metric `packed`), else over their own rows.
+  pack: the teacher's scoring and the student's pass run over the rollouts in the
+  fewest of the layout's packed row counts that hold them (metrics `packed`, `rows`),
+  else over their own rows.
   """
   k = f.k
   guidance, bounds = sampling.as_traced(guidance), sampling.as_traced(bounds)
@@ -94,11 +95,11 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     return own_row_terms(cfg, f.kl, guidance, bounds, params, frozen['teacher'], tokens_BxT,
                          prompt_BxC)
 
-  def terms_in_packed_rows(params, frozen, packed, plan):
+  def terms_in_packed_rows(params, frozen, layout, packed, plan):
     teacher_RxWxV = sampling.score_packed(cfg, frozen['teacher'], packed, guidance, bounds)['cfg']
     logits = model_lib.forward_packed(cfg, params, packed)
     logp_RxWxV = sampling.bounded_log_probs(logits, bounds, packed.positions - cfg.prompt_len)
-    return tuple(pack.unpack(x_RxW, plan, cfg.prompt_len, cfg.seq_len)
+    return tuple(layout.unpack(x_RxW, plan, cfg.prompt_len, cfg.seq_len)
                  for x_RxW in position_terms(f.kl, logp_RxWxV, teacher_RxWxV, packed.targets))
 
   def train_step(state, batch, step, frozen):
@@ -129,11 +130,15 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
                                            prompt_BxC)
     else:
       plan = pack.plan(tokens_BxT, cfg.prompt_len)
-      packed = pack.pack(plan, tokens_BxT, prompt_BxC, jnp.zeros(tokens_BxT.shape[:1], bool))
-      (loss, (kl_B, ent)), grads = jax.lax.cond(
-          plan.fits, lambda p: grad_fn(p, terms_in_packed_rows, packed, plan),
+
+      def packed_grad_fn(layout, params):
+        packed = layout.pack(plan, tokens_BxT, prompt_BxC, jnp.zeros(tokens_BxT.shape[:1], bool))
+        return grad_fn(params, terms_in_packed_rows, layout, packed, plan)
+
+      (loss, (kl_B, ent)), grads = pack.run(
+          plan, packed_grad_fn,
           lambda p: grad_fn(p, terms_in_own_rows, tokens_BxT, prompt_BxC), state['params'])
-      metrics['packed'] = plan.fits
+      metrics = pack.metrics(plan, tokens_BxT.shape[0])
     grad_norm = optax.global_norm(grads)
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
@@ -187,7 +192,7 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
       warm_start=warm_start,
       train_step=finetune_step_fn(cfg, f, tx, schedule, beta, exp.config.seed, embedder.apply,
                                   teacher_guidance(exp.config), exp.length_bounds,
-                                  exp.packing(rows, f.packed_rows)),
+                                  exp.packing(rows, f)),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn, probe=probe,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},

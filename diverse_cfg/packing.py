@@ -9,15 +9,18 @@ logits it gets alone in an unpacked row of width W = C + T.
 Everything runs inside the jitted step on the batch the pipeline delivers
 (unchanged: same rows, same order, on any number of hosts). The batch is cut
 into `groups` blocks of consecutive rows, one per batch shard, and each
-block is packed into its own `rows_per_group` rows by first-fit decreasing,
-so no sequence moves between devices. When a block's sequences do not fit,
-`Plan.fits` is False and the caller runs the unpacked rows instead
-(`lax.cond`): the step is exact either way, and only two shapes compile.
+block is packed by first-fit decreasing into its share of the layout's rows,
+so no sequence moves between devices. `Layout.run` then computes on the fewest
+of the layout's row counts (`shapes`: e.g. 13, 14, 15 or 16 rows for a batch
+of 32) that hold every block, or on the batch's own rows when they do not fit
+(`Plan.fits` False): one `lax.switch`, so the step is exact either way and
+len(shapes) + 1 shapes compile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -41,13 +44,40 @@ class Plan(NamedTuple):
   offset: jax.Array  # [B] int32
   slots: jax.Array  # [B] int32, prompt + real tokens
   fits: jax.Array  # bool: every group's sequences fit its rows
+  rows_used: jax.Array  # int32: groups x the most rows a group's sequences take
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """What is static about packing a batch: `rows` packed rows, in `groups` blocks."""
+  """What is static about packing a batch: `rows` packed rows, in `groups` blocks; plans are
+  made for `rows`, and `run` computes on the fewest rows of `shapes` that hold a plan."""
   groups: int
   rows: int
+  fewer: tuple[int, ...] = ()  # smaller packed row counts that compile too (multiples of groups)
+
+  @property
+  def shapes(self) -> tuple[int, ...]:
+    """Every packed row count that compiles, ascending."""
+    return tuple(sorted(set(self.fewer) | {self.rows}))
+
+  def run(self, p: 'Plan', packed_fn, own_rows_fn, *operands):
+    """packed_fn(Layout of r rows, *operands) for the fewest r of `shapes` that hold the plan,
+    or own_rows_fn(*operands) when it does not fit; one lax.switch over len(shapes) + 1
+    branches (each compiles)."""
+    shapes = self.shapes
+    branches = [functools.partial(packed_fn, Layout(self.groups, r)) for r in shapes]
+    return jax.lax.switch(self.branch(p), branches + [own_rows_fn], *operands)
+
+  def branch(self, p: 'Plan'):
+    """run's branch: the index in `shapes` of the fewest rows that hold the plan, or
+    len(shapes) (the batch's own rows) when it does not fit."""
+    fewest = jnp.searchsorted(jnp.asarray(self.shapes, jnp.int32), p.rows_used)
+    return jnp.where(p.fits, fewest, len(self.shapes))
+
+  def metrics(self, p: 'Plan', batch: int) -> dict[str, jax.Array]:
+    """`packed`: the batch fit; `rows`: the rows the step computed on (packed or its own)."""
+    rows_S = jnp.asarray(self.shapes + (batch,), jnp.float32)
+    return {'packed': p.fits, 'rows': rows_S[self.branch(p)]}
 
   def plan(self, tokens_BxT, prompt_len: int) -> Plan:
     return plan(tokens_BxT, prompt_len, self.groups, self.rows)
@@ -66,19 +96,31 @@ class Layout:
 
 
 def layout(batch: int, groups: int, fraction: float, width: int | None = None,
-           min_slots: int = 1) -> Layout | None:
-  """Packed rows = fraction of the batch's rows, rounded up to a multiple of groups.
+           min_slots: int = 1, shapes: int = 1, spacing: float = 1 / 32) -> Layout | None:
+  """Packed rows = fraction of the batch's rows, rounded up to a multiple of groups; `shapes`
+  row counts in all, each `spacing` of the batch's rows (at least `groups`) fewer than the next.
 
   None (no packing) for fraction 0, when that leaves as many rows as the batch
   has, or when sequences of at least min_slots slots (e.g. fixed-length data)
   could never fit in rows of `width` slots (row_slots gives both).
   """
-  rows = -(-int(round(batch * fraction)) // groups) * groups
+  rows = _round_up(int(round(batch * fraction)), groups)
   if not 0 < rows < batch:
     return None
   if width is not None and width // min_slots * (rows // groups) < batch // groups:
     return None
-  return Layout(groups, rows)
+  step = _round_up(max(1, int(round(batch * spacing))), groups)
+  return Layout(groups, rows, tuple(r for r in range(rows - step, 0, -step)[:shapes - 1]))
+
+
+def shape_options(section) -> dict:
+  """layout's shapes and spacing from a config section (one shape when it sets none)."""
+  return {'shapes': int(section.get('packed_shapes', 1)),
+          'spacing': float(section.get('packed_spacing', 1 / 32))}
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
 
 
 def row_slots(cfg, bounds) -> tuple[int, int]:
@@ -126,7 +168,10 @@ def plan_slots(slots_B, width: int, groups: int, rows: int) -> Plan:
     raise ValueError(f'batch {batch} and packed rows {rows} must split into {groups} groups')
   row_GxN, offset_GxN, fits_G = jax.vmap(
       lambda s: first_fit_decreasing(s, rows // groups, width))(_grouped(slots_B, groups))
-  return Plan(row_GxN.reshape(-1), offset_GxN.reshape(-1), slots_B, jnp.all(fits_G))
+  # First fit fills the first rows it can, so a plan for fewer rows is the same plan.
+  rows_used = groups * (jnp.max(row_GxN) + 1)
+  return Plan(row_GxN.reshape(-1), offset_GxN.reshape(-1), slots_B, jnp.all(fits_G),
+              rows_used.astype(jnp.int32))
 
 
 def pack(p: Plan, tokens_BxT, prompt_BxC, null_B, groups: int, rows: int) -> Packed:

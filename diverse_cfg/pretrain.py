@@ -40,8 +40,9 @@ def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int,
                   pack: packing.Layout | None = None):
   """The pure step: (state, batch, step) -> (state, metrics), with prompt dropout.
 
-  pack: the batch is trained in packed rows whenever its sequences fit them
-  (the metric `packed` says whether they did), else in its own rows.
+  pack: the batch is trained in the fewest of the layout's packed row counts that
+  hold its sequences (metrics `packed`: they fit; `rows`: the rows computed on), else
+  in its own rows.
   """
 
   def train_step(state, batch, step):
@@ -54,10 +55,13 @@ def train_step_fn(cfg: model_lib.ModelConfig, tx, schedule, seed: int,
       loss, grads = grad_fn(state['params'])
     else:
       plan = pack.plan(tokens_BxT, cfg.prompt_len)
-      packed = pack.pack(plan, tokens_BxT, prompt_BxC, null_B)
-      packed_grad_fn = jax.value_and_grad(lambda p: lm_loss_packed(cfg, p, packed)[0])
-      loss, grads = jax.lax.cond(plan.fits, packed_grad_fn, grad_fn, state['params'])
-      metrics['packed'] = plan.fits
+
+      def packed_grad_fn(layout, params):
+        packed = layout.pack(plan, tokens_BxT, prompt_BxC, null_B)
+        return jax.value_and_grad(lambda p: lm_loss_packed(cfg, p, packed)[0])(params)
+
+      loss, grads = pack.run(plan, packed_grad_fn, grad_fn, state['params'])
+      metrics = pack.metrics(plan, tokens_BxT.shape[0])
     grad_norm = optax.global_norm(grads)
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
     state = training.apply_gradients(tx, state, grads, jnp.all(jnp.stack(list(flags.values()))))
@@ -96,7 +100,7 @@ def make_task(exp: experiment_lib.Experiment) -> training.Task:
   return training.Task(
       name='pretrain', init_state=init_state_fn(cfg, tx),
       train_step=train_step_fn(cfg, tx, schedule, seed,
-                               exp.packing(t.batch_size, t.packed_rows)), batches=batches,
+                               exp.packing(t.batch_size, t)), batches=batches,
       batch_shardings=batch_sharding, evaluate=evaluate, tokens_per_step=tokens_per_step,
       flops_per_step=tokens_per_step * training.decoder_flops_per_token(cfg, training=True))
 

@@ -56,6 +56,24 @@ def test_first_fit_decreasing_places_every_item_without_overlap(seed):
       assert all(0 <= s and e <= 16 for s, e in spans)
 
 
+@pytest.mark.parametrize('seed', [0, 1, 2, 3])
+def test_a_plan_holds_in_exactly_its_rows_used(seed):
+  """rows_used is the fewest rows first-fit decreasing fits the group's items into, and a plan
+  for more rows places every item as in those fewest rows (why Layout.run may compute on
+  any shape >= rows_used)."""
+  rng = np.random.default_rng(seed)
+  slots = jnp.asarray(rng.integers(1, 15, 16), jnp.int32)
+  p = packing.plan_slots(slots, 16, 2, 16)
+  used = int(p.rows_used)
+  for rows in range(2, 17, 2):
+    q = packing.plan_slots(slots, 16, 2, rows)
+    assert bool(q.fits) == (rows >= used), rows
+    if rows >= used:
+      np.testing.assert_array_equal(q.row, p.row)
+      np.testing.assert_array_equal(q.offset, p.offset)
+  assert used < 16  # 16 items of < 15 slots in rows of 16 never need one row each
+
+
 def test_first_fit_decreasing_reports_what_does_not_fit():
   sizes = jnp.asarray([9, 9, 9], jnp.int32)  # two rows of 16 hold two of them
   assert not bool(packing.first_fit_decreasing(sizes, 2, 16)[2])
@@ -105,19 +123,23 @@ def _assert_same_step(out_a, out_b, keys):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
 
 
-@pytest.mark.parametrize('fraction, fits', [(0.5, True), (0.25, False)])
-def test_packed_pretraining_step_equals_the_unpacked_one(fraction, fits):
-  """Same loss and gradient (SGD, lr 1: the update is the gradient); when the batch does not
-  fit the packed rows the step falls back to its own rows."""
+@pytest.mark.parametrize('fraction, shapes, spacing, fits, rows', [
+    (0.5, 1, 0.25, True, 4), (0.75, 3, 0.25, True, 4), (0.75, 2, 0.5, True, 6),
+    (0.25, 1, 0.25, False, 8)])
+def test_packed_pretraining_step_equals_the_unpacked_one(fraction, shapes, spacing, fits, rows):
+  """Same loss and gradient (SGD, lr 1: the update is the gradient) on the fewest packed rows
+  of the layout's shapes that hold the batch (44 slots in 2 groups of rows of 15: 2 rows per
+  group); when the batch does not fit them the step falls back to its own rows."""
   tx, state = _sgd_state(CFG)
   schedule = lambda step: 1.0
   tokens, prompt, _ = ragged_batch(CFG, 8, seed=3, lengths=[1, 4, 2, 3, 4, 1, 2, 3])
   batch = {'tokens': tokens, 'prompt': prompt}
-  pack = packing.layout(8, 2, fraction)
+  pack = packing.layout(8, 2, fraction, shapes=shapes, spacing=spacing)
   run = lambda p: jax.jit(pretrain.train_step_fn(CFG, tx, schedule, 5, p))(state, batch,
                                                                            jnp.int32(0))
   packed, plain = run(pack), run(None)
   assert bool(packed[1]['packed']) == fits
+  assert float(packed[1]['rows']) == rows
   _assert_same_step(packed, plain, ['loss', 'grad_norm'])
 
 
@@ -139,8 +161,10 @@ def test_packed_finetuning_step_equals_the_unpacked_one():
                                      sampling.Guidance(3.0, 0.1), bounds, pack)
     return jax.jit(step)(state, {'prompt': prompt}, jnp.int32(0), frozen)
 
-  packed, plain = run(packing.layout(16, 2, 0.5)), run(None)
-  assert bool(packed[1]['packed'])
+  pack = packing.layout(16, 2, 0.5, shapes=4, spacing=1 / 8)
+  assert pack.shapes == (2, 4, 6, 8)
+  packed, plain = run(pack), run(None)
+  assert bool(packed[1]['packed']) and float(packed[1]['rows']) in pack.shapes
   assert float(plain[1]['kl']) > 0.1 and float(plain[1]['advantage/abs_mean']) > 0
   _assert_same_step(packed, plain, ['loss', 'kl', 'entropy', 'grad_norm', 'length'])
 
@@ -151,6 +175,10 @@ def test_no_layout_when_the_data_can_never_fit():
   fixed = packing.row_slots(cfg, sampling.LengthBounds(24, 24))  # every sequence takes 26 slots
   assert variable == (26, 2) and fixed == (26, 26)
   assert packing.layout(32, 2, 0.5, *variable) == packing.Layout(2, 16)
+  # Smaller row counts: spacing of the batch's rows apart, in multiples of the groups.
+  assert packing.layout(32, 1, 0.5, *variable, shapes=4).shapes == (13, 14, 15, 16)
+  assert packing.layout(32, 2, 0.5, *variable, shapes=4, spacing=1 / 16).shapes == (10, 12, 14, 16)
+  assert packing.layout(32, 8, 0.5, *variable, shapes=4).shapes == (8, 16)
   assert packing.layout(32, 2, 0.5, *fixed) is None  # one sequence per row: never fits
   assert packing.layout(32, 2, 0.0, *variable) is None
   assert packing.layout(32, 2, 1.0, *variable) is None  # as many rows as the batch

@@ -169,7 +169,7 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
     weights_AxK = jnp.asarray(class_weights(np.asarray(train_labels), net.num_classes,
                                             cl.class_balance))
 
-  layout = packing_layout(exp, net.cfg, cl.batch_size, cl.get('packed_rows', 0.0))
+  layout = packing_layout(exp, net.cfg, cl.batch_size, cl)
 
   def train_step(state, batch, step):
     labels_BxA = labels_of(batch['prompt'], offsets, net.num_classes)
@@ -189,10 +189,10 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
       (loss, logp_BxAxK), grads = grad_fn(state['params'], None)
     else:  # the sequences packed when they fit the rows, else in their own rows: same loss
       plan = layout.plan_slots(slots_B, width)
-      (loss, logp_BxAxK), grads = jax.lax.cond(
-          plan.fits, lambda p: grad_fn(p, (layout, plan)), lambda p: grad_fn(p, None),
+      (loss, logp_BxAxK), grads = layout.run(
+          plan, lambda rows, p: grad_fn(p, (rows, plan)), lambda p: grad_fn(p, None),
           state['params'])
-      extra['packed'] = plan.fits
+      extra.update(layout.metrics(plan, slots_B.shape[0]))
     acc_A = jnp.mean(jnp.argmax(logp_BxAxK, -1) == labels_BxA, axis=0)
     grad_norm = optax.global_norm(grads)
     flags = training.finite_flags(loss=loss, grad_norm=grad_norm)
@@ -229,12 +229,14 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
 
 
 def packing_layout(exp: experiment_lib.Experiment, cfg: encoder.EncoderConfig, batch: int,
-                   fraction: float) -> packing.Layout | None:
-  """How a training batch of `batch` sequences packs for the encoder on this mesh, or None."""
+                   section) -> packing.Layout | None:
+  """How a training batch of `batch` sequences packs for the encoder on this mesh (a config
+  section's packed_rows, packed_shapes, packed_spacing), or None."""
   anchors = 2 if cfg.anchors else 0
   width = exp.model_cfg.seq_len + anchors
   min_slots = min(width, int(exp.length_bounds.min) + anchors)
-  return packing.layout(batch, sharding_lib.batch_shards(exp.mesh), fraction, width, min_slots)
+  return packing.layout(batch, sharding_lib.batch_shards(exp.mesh), section.get('packed_rows', 0.0),
+                        width, min_slots, **packing.shape_options(section))
 
 
 def heldout_figures(qm: interface.QualityModel, tokens_NxT, prompt_NxC, batch_size: int,

@@ -190,7 +190,7 @@ def make_task(exp: experiment_lib.Experiment, embedder_dir: str | None = None) -
     else:  # the sequences packed when they fit the rows, else in their own rows: same loss
       plan = layout.plan_slots(slots_B, width)
       (loss, logp_BxAxK), grads = layout.run(
-          plan, lambda rows, p: grad_fn(p, (rows, plan)), lambda p: grad_fn(p, None),
+          plan, lambda fewest, p: grad_fn(p, (fewest, plan)), lambda p: grad_fn(p, None),
           state['params'])
       extra.update(layout.metrics(plan, slots_B.shape[0]))
     acc_A = jnp.mean(jnp.argmax(logp_BxAxK, -1) == labels_BxA, axis=0)

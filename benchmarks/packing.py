@@ -8,7 +8,8 @@ On a pipeline run's work directory (its dataset, base model and embedder):
   per step and per second, the share of batches that fit the packed rows, the
   mean rows computed on;
 * finetuning step (rollout + teacher scoring + student update from the base
-  model, or with --from_student from the trained student, of one beta) for each packed_rows[:packed_shapes] in --finetune: the same; and
+  model, or with --from_student from the trained student, of one beta) for
+  each packed_rows[:packed_shapes] in --finetune: the same; and
   the rollout alone (packing does not touch it), on the same prompts;
 * the classifier's training step (the evaluators' encoder, real batches) for
   each packed_rows[:packed_shapes] in --classifier.
@@ -103,8 +104,8 @@ def table(rows: list[dict], title: str) -> str:
 
 
 def measure(settings: dict, steps: int, extra=None) -> dict:
-  """settings: name -> (batch, (packed_rows, packed_shapes), mesh, rules, call, metrics); timed interleaved with
-  the `extra` calls, whose median seconds are returned as {name: seconds}."""
+  """settings: name -> (batch, (packed_rows, packed_shapes), mesh, rules, call, metrics); timed
+  interleaved with the `extra` calls, whose median seconds are returned as {name: seconds}."""
   calls = dict(extra or {})
   for name, (_, _, mesh, rules, call, _) in settings.items():
     def activated(call=call, mesh=mesh, rules=rules):

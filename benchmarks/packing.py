@@ -9,7 +9,8 @@ On a pipeline run's work directory (its dataset, base model and embedder):
   mean rows computed on;
 * finetuning step (rollout + teacher scoring + student update from the base
   model, or with --from_student from the trained student, of one beta) for
-  each packed_rows[:packed_shapes] in --finetune: the same; and
+  each packed_rows[:packed_shapes][@rollout_min_rows] in --finetune (the
+  rollout compacted down to that many rows): the same; and
   the rollout alone (packing does not touch it), on the same prompts;
 * the classifier's training step (the evaluators' encoder, real batches) for
   each packed_rows[:packed_shapes] in --classifier.
@@ -51,8 +52,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A pipeline run (pretrain + embedder done).')
 _PRETRAIN = flags.DEFINE_string('pretrain', '32:0,32:0.5:1,32:0.5',
                                 'batch:packed_rows[:packed_shapes] for the pretraining step.')
-_FINETUNE = flags.DEFINE_string('finetune', '0,0.5:1,0.5',
-                                'packed_rows[:packed_shapes] for the finetuning step.')
+_FINETUNE = flags.DEFINE_string(
+    'finetune', '0,0.5:1,0.5', 'packed_rows[:packed_shapes][@rollout_min_rows] for the finetuning '
+    'step.')
 _CLASSIFIER = flags.DEFINE_string('classifier', '0,0.5:1,0.5',
                                   'packed_rows[:packed_shapes] for the classifier step.')
 _BETA = flags.DEFINE_float('beta', 8.0, 'The student whose step is timed.')
@@ -84,6 +86,7 @@ def summarise(batch: int, packing: tuple, timing: dict, metrics: list) -> dict:
   metrics = jax.device_get(metrics)
   real = float(np.mean([m['real_tokens'] for m in metrics]))
   return {'batch': batch, 'packed_rows': packing[0], 'packed_shapes': packing[1],
+          'rollout_min_rows': packing[2] if len(packing) > 2 else 0,
           'packed_share': float(np.mean([bool(m.get('packed', False)) for m in metrics])),
           'rows': float(np.mean([m.get('rows', batch) for m in metrics])),
           'sec_per_step': timing['median_s'], 'real_tokens_per_step': real,
@@ -93,10 +96,11 @@ def summarise(batch: int, packing: tuple, timing: dict, metrics: list) -> dict:
 def table(rows: list[dict], title: str) -> str:
   base = rows[0]['real_tokens_per_sec']
   lines = [f'### {title}', '',
-           '| batch | packed_rows | shapes | packed batches | rows (mean) | s/step (median) | '
+           '| batch | packed_rows | shapes [@ rollout_min_rows] | packed batches | rows (mean) | s/step (median) | '
            'real tokens/step | real tokens/s | speed-up |', '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f"| {r['batch']} | {r['packed_rows']:g} | {r['packed_shapes']} | "
+    compact = f" @{r['rollout_min_rows']}" if r['rollout_min_rows'] else ''
+    lines.append(f"| {r['batch']} | {r['packed_rows']:g} | {r['packed_shapes']}{compact} | "
                  f"{r['packed_share']:.2f} | {r['rows']:.1f} | "
                  f"{r['sec_per_step']:.3f} | {r['real_tokens_per_step']:.0f} | "
                  f"{r['real_tokens_per_sec']:.0f} | {r['real_tokens_per_sec'] / base:.2f}x |")
@@ -168,7 +172,9 @@ def main(_):
   embedder = evaluators.load_embedder(wd.embedder) if _FINETUNE.value else None
   for item in items(_FINETUNE.value):
     c = config.copy_and_resolve_references()
-    fraction = packing_setting(c.finetune, item)
+    setting, _, min_rows = item.partition('@')
+    c.finetune.rollout_min_rows = int(min_rows or 0)
+    fraction = (*packing_setting(c.finetune, setting), c.finetune.rollout_min_rows)
     exp = experiment_lib.prepare(c)
     task = finetune.make_task(exp, wd, _BETA.value, embedder)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))

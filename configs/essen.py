@@ -47,6 +47,7 @@ def get_config(arg: str = 'cpu'):
     # and update). beta = 0 is shown converged from ~250 steps; beta = 8 was not at 400
     # (docs/evaluation.md, "Converged students").
     c.finetune.num_steps = 300
+    c.finetune.rollout_min_rows = 8  # the rollout's running rows compacted: ~1.2x the step
     c.finetune.lr = 3e-4
     c.finetune.eval_every = 150
     c.finetune.ckpt_every = 150

@@ -108,7 +108,8 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
     prompt_BxC = jnp.repeat(prompt_PxC, k, axis=0)  # row p * k + i: sample i of prompt p
     key = jax.random.fold_in(jax.random.key(seed), step)
     tokens_BxT, _ = sampling.generate(cfg, cfg.seq_len, False, state['params'], prompt_BxC, key,
-                                      sampling.Guidance(), f.temperature, jnp.int32(0), bounds)
+                                      sampling.Guidance(), f.temperature, jnp.int32(0), bounds,
+                                      min_rows=int(f.get('rollout_min_rows', 0)))
     mask_BxT = sampling.token_mask(tokens_BxT)
     emb_BxD = embed_apply(frozen['embedder'], tokens_BxT)
     r_PxKxK = evaluators.pairwise_dissimilarity(emb_BxD.reshape(num_prompts, k, -1),

@@ -175,7 +175,7 @@ def uniforms(key, num_new_tokens: int, batch: int):
 
 def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, params, prompt_BxC,
              key, guidance: Guidance, temperature, top_k, bounds: LengthBounds,
-             early_exit: bool = True):
+             early_exit: bool = True, min_rows: int = 0):
   """Samples num_new_tokens after BOS. Returns (tokens [B,N], log-probs [B,N]).
 
   Rows finish at EOS; after it they hold PAD with log-prob 0. With guided=True
@@ -184,7 +184,13 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   guidance is ignored when guided=False; the length bounds always apply.
   early_exit (static): decoding stops at the step where every row is done
   (EOS, or the length bounds' maximum), with the same tokens and log-probs as
-  running all num_new_tokens steps (False: a fixed-length scan).
+  running all num_new_tokens steps (False: a fixed-length scan). With
+  min_rows > 0 (static) it also compacts: once at most half the rows are
+  still running, they move (with their caches and uniforms) into a batch half
+  the size, down to min_rows, since a decode step's time scales with its rows
+  on a CPU. The same draws, but the smaller batches' matmuls may round
+  differently: log-probs can move by float rounding (~1e-6), and so, rarely,
+  a token (tests/test_sampling.py); hence off by default.
   """
   cfg, params = model_lib.decode_params(cfg, params)
   batch = prompt_BxC.shape[0]
@@ -197,9 +203,10 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   logits_RxV, cache = model_lib.step(cfg, params, bos_Rx1, cache, 0, prompt_RxC, null_R)
 
   def dist(logits_RxV, t):  # t = new tokens so far = events so far, for rows not done
-    logits_u = logits_RxV[batch:] if guided else None
-    return sampling_log_probs(logits_RxV[:batch], logits_u, guidance, temperature, top_k,
-                              jnp.full((batch,), t), bounds)
+    rows_b = logits_RxV.shape[0] // 2 if guided else logits_RxV.shape[0]
+    logits_u = logits_RxV[rows_b:] if guided else None
+    return sampling_log_probs(logits_RxV[:rows_b], logits_u, guidance, temperature, top_k,
+                              jnp.full((rows_b,), t), bounds)
 
   def feed(tok_B):
     return (jnp.concatenate([tok_B, tok_B]) if guided else tok_B)[:, None]
@@ -209,15 +216,15 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   u_NxB = uniforms(key, num_new_tokens, batch)
   tok0, lp0, done = draw(u_NxB[0], dist(logits_RxV, 0), jnp.zeros(batch, bool))
 
-  def decode(t, tok_B, cache, done_B):  # feeds token t - 1, draws token t
+  def decode(t, tok_B, cache, done_B, u_B):  # feeds token t - 1, draws token t
     pos = cfg.prompt_len + t  # position of the token being fed (BOS sits at prompt_len)
     logits_RxV, cache = model_lib.step(cfg, params, feed(tok_B), cache, pos)
-    tok_B, lp_B, done_B = draw(u_NxB[t], dist(logits_RxV, t), done_B)
+    tok_B, lp_B, done_B = draw(u_B, dist(logits_RxV, t), done_B)
     return tok_B, lp_B, cache, done_B
 
   if not early_exit:
     def scan_body(carry, t):
-      tok_B, lp_B, cache, done_B = decode(t, *carry)
+      tok_B, lp_B, cache, done_B = decode(t, *carry, u_NxB[t])
       return (tok_B, cache, done_B), (tok_B, lp_B)
 
     _, (toks_NxB, lps_NxB) = jax.lax.scan(scan_body, (tok0, cache, done),
@@ -229,19 +236,39 @@ def generate(cfg: model_lib.ModelConfig, num_new_tokens: int, guided: bool, para
   toks_BxN = jnp.full((batch, num_new_tokens), specials.PAD, jnp.int32).at[:, 0].set(tok0)
   lps_BxN = jnp.zeros((batch, num_new_tokens), lp0.dtype).at[:, 0].set(lp0)
 
-  def running(carry):
-    t, _, _, done_B, _, _ = carry
-    return (t < num_new_tokens) & ~jnp.all(done_B)
+  # Batch sizes of the successive loops: each runs while more than half its rows are running.
+  sizes = [batch]
+  while min_rows > 0 and sizes[-1] % 2 == 0 and sizes[-1] // 2 >= min_rows:
+    sizes.append(sizes[-1] // 2)
+  carry = (jnp.int32(1), tok0, cache, done, jnp.arange(batch), toks_BxN, lps_BxN)
+  for i, size in enumerate(sizes):
+    if i:
+      carry = compact(carry, size, guided)
+    last = i == len(sizes) - 1
 
-  def while_body(carry):
-    t, tok_B, cache, done_B, toks_BxN, lps_BxN = carry
-    tok_B, lp_B, cache, done_B = decode(t, tok_B, cache, done_B)
-    return (t + 1, tok_B, cache, done_B, toks_BxN.at[:, t].set(tok_B),
-            lps_BxN.at[:, t].set(lp_B))
+    def running(carry, last=last):
+      t, _, _, done_b, _, _, _ = carry
+      keep_going = (t < num_new_tokens) & ~jnp.all(done_b)
+      return keep_going if last else keep_going & (jnp.sum(~done_b) * 2 > done_b.shape[0])
 
-  carry = jax.lax.while_loop(running, while_body,
-                             (jnp.int32(1), tok0, cache, done, toks_BxN, lps_BxN))
-  return carry[4], carry[5]
+    def while_body(carry):
+      t, tok_b, cache, done_b, row_b, toks_BxN, lps_BxN = carry
+      tok_b, lp_b, cache, done_b = decode(t, tok_b, cache, done_b, u_NxB[t][row_b])
+      return (t + 1, tok_b, cache, done_b, row_b, toks_BxN.at[row_b, t].set(tok_b),
+              lps_BxN.at[row_b, t].set(lp_b))
+
+    carry = jax.lax.while_loop(running, while_body, carry)
+  return carry[5], carry[6]
+
+
+def compact(carry, size: int, guided: bool):
+  """generate's loop state with its running rows (and done ones to fill) in `size` rows."""
+  t, tok_b, cache, done_b, row_b, toks_BxN, lps_BxN = carry
+  keep = jnp.argsort(done_b, stable=True)[:size]  # running rows first
+  cache_rows = jnp.concatenate([keep, keep + done_b.shape[0]]) if guided else keep
+  # Cache arrays are [..., rows, heads, length, head_dim] (a leading layer axis when scanned).
+  cache = jax.tree.map(lambda x: jnp.take(x, cache_rows, axis=x.ndim - 4), cache)
+  return t, tok_b[keep], cache, done_b[keep], row_b[keep], toks_BxN, lps_BxN
 
 
 def score(cfg: model_lib.ModelConfig, params, tokens_BxT, prompt_BxC, guidance: Guidance,

@@ -210,14 +210,16 @@ LONG = dataclasses.replace(CFG, seq_len=24)
 
 
 def _generate(cfg, guided, params, prompt, key, guidance, temperature, bounds, early_exit,
-              shardings=None):
-  fn = functools.partial(sampling.generate, cfg, cfg.seq_len, guided, early_exit=early_exit)
+              shardings=None, min_rows=0):
+  fn = functools.partial(sampling.generate, cfg, cfg.seq_len, guided, early_exit=early_exit,
+                         min_rows=min_rows)
   jitted = jax.jit(fn) if shardings is None else jax.jit(fn, in_shardings=shardings)
   return jax.device_get(jitted(params, prompt, key, sampling.as_traced(guidance),
                                jnp.float32(temperature), jnp.int32(0),
                                sampling.as_traced(bounds)))
 
 
+@pytest.mark.parametrize('min_rows', [0, 2])  # 0: one loop; 2: loops of 8, 4, 2 rows
 @pytest.mark.parametrize('guided,guidance,temperature,bounds', [
     (False, Guidance(), 1.0, LengthBounds()),  # the student sampler
     (False, Guidance(), 0.7, LengthBounds(0, 4)),  # the finetuning rollout, short rows
@@ -225,12 +227,15 @@ def _generate(cfg, guided, params, prompt, key, guidance, temperature, bounds, e
     (True, Guidance(2.0, 0.0), 1.0, LengthBounds(2, 5)),
 ])
 def test_early_exit_gives_the_fixed_length_loops_tokens_bit_for_bit(guided, guidance,
-                                                                     temperature, bounds):
+                                                                     temperature, bounds,
+                                                                     min_rows):
+  """Stopping when every row is done, and moving the running rows into half-size batches
+  (min_rows 2), give the fixed-length loop's tokens and log-probs bit for bit."""
   params = helpers.params(LONG)
   _, prompt = helpers.batch(LONG, batch=8)
   key = jax.random.key(3)
   args = (LONG, guided, params, prompt, key, guidance, temperature, bounds)
-  tok_e, lp_e = _generate(*args, early_exit=True)
+  tok_e, lp_e = _generate(*args, early_exit=True, min_rows=min_rows)
   tok_f, lp_f = _generate(*args, early_exit=False)
   np.testing.assert_array_equal(tok_e, tok_f)
   np.testing.assert_array_equal(lp_e, lp_f)
@@ -238,6 +243,29 @@ def test_early_exit_gives_the_fixed_length_loops_tokens_bit_for_bit(guided, guid
   if bounds.max < LONG.seq_len - 1:  # every row done long before the end: the loop exits early
     assert (tok_f == specials.EOS).any(1).all() and ends.max() < LONG.seq_len // 2
     assert (tok_e[:, ends.max() + 1:] == specials.PAD).all()
+
+
+@pytest.mark.parametrize('guided,guidance', [(False, Guidance()), (True, Guidance(3.0, 0.1))])
+def test_compacted_loops_give_the_fixed_length_loops_tokens_bit_for_bit(guided, guidance):
+  """Rows of 64 steps ending at different steps: the running rows move into batches of 4, then
+  2 rows (their caches and uniforms with them), with the same tokens; the log-probs equal to
+  float rounding (here bit for bit unguided; within 5e-6 guided, whose 2B-row matmuls round
+  differently at 16, 8 and 4 rows)."""
+  cfg = dataclasses.replace(CFG, seq_len=64)
+  params = helpers.params(cfg)
+  _, prompt = helpers.batch(cfg, batch=8)
+  args = (cfg, guided, params, prompt, jax.random.key(7), guidance, 1.0, LengthBounds())
+  tok_c, lp_c = _generate(*args, early_exit=True, min_rows=2)
+  tok_f, lp_f = _generate(*args, early_exit=False)
+  np.testing.assert_array_equal(tok_c, tok_f)
+  if guided:
+    np.testing.assert_allclose(lp_c, lp_f, rtol=0, atol=5e-6)
+  else:
+    np.testing.assert_array_equal(lp_c, lp_f)
+  ended = (tok_f == specials.EOS).any(1)
+  ends = np.where(ended, np.argmax(tok_f == specials.EOS, axis=1), cfg.seq_len)
+  # Four rows ended before the sixth, and that one before the last: all three loops ran.
+  assert np.sort(ends)[3] < np.sort(ends)[5] < ends.max(), ends
 
 
 def test_early_exit_on_a_sharded_batch():
@@ -251,6 +279,7 @@ def test_early_exit_on_a_sharded_batch():
   sharded_params = helpers.params(LONG, (mesh, rules))
   shardings = (jax.tree.map(lambda a: a.sharding, sharded_params),
                sharding.batch_sharding(mesh, 2), *[sharding.replicated(mesh)] * 5)
-  got, _ = _generate(LONG, False, sharded_params, prompt, key, Guidance(), 1.0,
-                     LengthBounds(0, 6), True, shardings)
-  np.testing.assert_array_equal(got, want)
+  for min_rows in (0, 2):  # and with the running rows compacted across the sharded batch
+    got, _ = _generate(LONG, False, sharded_params, prompt, key, Guidance(), 1.0,
+                       LengthBounds(0, 6), True, shardings, min_rows)
+    np.testing.assert_array_equal(got, want)

@@ -10,7 +10,7 @@ On a pipeline run's work directory (its dataset, base model and embedder):
 * finetuning step (rollout + teacher scoring + student update from the base
   model, or with --from_student from the trained student, of one beta) for
   each packed_rows[:packed_shapes][@rollout_min_rows] in --finetune (the
-  rollout compacted down to that many rows): the same; and
+  rollout compacted down to that many rows; 0 = not): the same; and
   the rollout alone (packing does not touch it), on the same prompts;
 * the classifier's training step (the evaluators' encoder, real batches) for
   each packed_rows[:packed_shapes] in --classifier.
@@ -173,8 +173,9 @@ def main(_):
   for item in items(_FINETUNE.value):
     c = config.copy_and_resolve_references()
     setting, _, min_rows = item.partition('@')
-    c.finetune.rollout_min_rows = int(min_rows or 0)
-    fraction = (*packing_setting(c.finetune, setting), c.finetune.rollout_min_rows)
+    if min_rows:  # else the config's
+      c.finetune.rollout_min_rows = int(min_rows)
+    fraction = (*packing_setting(c.finetune, setting), c.finetune.get('rollout_min_rows', 0))
     exp = experiment_lib.prepare(c)
     task = finetune.make_task(exp, wd, _BETA.value, embedder)
     state, _ = sharding.create_sharded(task.init_state, exp.mesh, exp.rules, jax.random.key(0))

@@ -43,11 +43,11 @@ def get_config(arg: str = 'cpu'):
     c.train.eval_every = 200
     c.train.eval_batches = 0
     c.train.ckpt_every = 200
-    # 0.63 s/step (beta 0) and 0.48 s/step (beta 8) on 2 cores (32 rollouts, packed scoring
-    # and update). beta = 0 is shown converged from ~250 steps; beta = 8 was not at 400
-    # (docs/evaluation.md, "Converged students").
+    # ~0.55 s/step (beta 0) and ~0.4 s/step (beta 8) on 2 cores (32 rollouts compacted as
+    # they finish, packed scoring and update). beta = 0 is shown converged from ~250 steps;
+    # beta = 8 was not at 400 (docs/evaluation.md, "Converged students").
     c.finetune.num_steps = 300
-    c.finetune.rollout_min_rows = 8  # the rollout's running rows compacted: ~1.2x the step
+    c.finetune.rollout_min_rows = 8
     c.finetune.lr = 3e-4
     c.finetune.eval_every = 150
     c.finetune.ckpt_every = 150

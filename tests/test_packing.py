@@ -143,14 +143,17 @@ def test_packed_pretraining_step_equals_the_unpacked_one(fraction, shapes, spaci
   _assert_same_step(packed, plain, ['loss', 'grad_norm'])
 
 
-def test_packed_finetuning_step_equals_the_unpacked_one():
+@pytest.mark.parametrize('rollout_min_rows', [0, 4])
+def test_packed_finetuning_step_equals_the_unpacked_one(rollout_min_rows):
   """Rollout, teacher scoring, KL, reward and update: the same with and without packing
-  (the fallback to the batch's own rows is the pretraining test's)."""
+  (the fallback to the batch's own rows is the pretraining test's), with the rollout in one
+  batch or compacted down to 4 rows."""
   tx, state = _sgd_state(CFG)
   teacher = helpers.params(CFG, seed=4)
   proj = jax.random.normal(jax.random.key(2), (CFG.vocab_size, 8))
   embed = lambda p, tokens: jnp.sum(p[tokens] * (tokens != specials.PAD)[..., None], axis=1)
-  f = ml_collections.ConfigDict({'k': 4, 'kl': 'student_teacher', 'temperature': 1.0})
+  f = ml_collections.ConfigDict({'k': 4, 'kl': 'student_teacher', 'temperature': 1.0,
+                                 'rollout_min_rows': rollout_min_rows})
   bounds = sampling.LengthBounds(0, 3)  # at most 3 events + EOS: 7 of 15 slots, two per row
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, CFG.prompt_vocab_size, (4, 3)),
                        jnp.int32)

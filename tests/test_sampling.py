@@ -275,7 +275,7 @@ def test_early_exit_on_a_sharded_batch():
   sharded_params = helpers.params(LONG, (mesh, rules))
   shardings = (jax.tree.map(lambda a: a.sharding, sharded_params),
                sharding.batch_sharding(mesh, 2), *[sharding.replicated(mesh)] * 5)
-  for min_rows in (0, 2):  # and with the running rows compacted across the sharded batch
+  for min_rows in (0, 2):  # 2: the compacting loops on a sharded batch (rows may end together)
     got, _ = _generate(LONG, False, sharded_params, prompt, key, Guidance(), 1.0,
                        LengthBounds(0, 6), True, shardings, min_rows)
     np.testing.assert_array_equal(got, want)

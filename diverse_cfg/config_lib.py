@@ -254,9 +254,9 @@ def validate_train(t: ml_collections.ConfigDict, section: str = 'train') -> None
 
 def validate_finetune(f: ml_collections.ConfigDict) -> None:
   validate_train(f, 'finetune')
-  _require(isinstance(f.get('rollout_min_rows', 0), int) and f.get('rollout_min_rows', 0) >= 0,
-           'finetune.rollout_min_rows', 'must be an integer >= 0 (0 = no compaction)',
-           f.get('rollout_min_rows', 0))
+  min_rows = f.get('rollout_min_rows', 0)
+  _require(isinstance(min_rows, int) and min_rows >= 0, 'finetune.rollout_min_rows',
+           'must be an integer >= 0 (0 = no compaction)', min_rows)
   betas = tuple(f.betas)
   _require(len(betas) >= 1 and all(b >= 0 for b in betas), 'finetune.betas',
            'must be a non-empty tuple of values >= 0', betas)

@@ -37,11 +37,10 @@ class Experiment:
     return sampling.data_length_bounds(self.meta.fixed_length)
 
   def packing(self, batch: int, section) -> packing_lib.Layout | None:
-    """How a training batch of `batch` rows packs on this mesh (packing.layout with a config
+    """How a training batch of `batch` rows packs on this mesh (packing.configured: a config
     section's packed_rows, packed_shapes, packed_spacing), or None."""
-    return packing_lib.layout(batch, sharding_lib.batch_shards(self.mesh), section.packed_rows,
-                              *packing_lib.row_slots(self.model_cfg, self.length_bounds),
-                              **packing_lib.shape_options(section))
+    return packing_lib.configured(section, batch, sharding_lib.batch_shards(self.mesh),
+                                  *packing_lib.row_slots(self.model_cfg, self.length_bounds))
 
 
 _SIZE_FIELDS = {'vocab_size': 'vocab_size', 'prompt_vocab_size': 'prompt_vocab_size',

@@ -113,10 +113,12 @@ def layout(batch: int, groups: int, fraction: float, width: int | None = None,
   return Layout(groups, rows, tuple(r for r in range(rows - step, 0, -step)[:shapes - 1]))
 
 
-def shape_options(section) -> dict:
-  """layout's shapes and spacing from a config section (one shape when it sets none)."""
-  return {'shapes': int(section.get('packed_shapes', 1)),
-          'spacing': float(section.get('packed_spacing', 1 / 32))}
+def configured(section, batch: int, groups: int, width: int | None = None,
+               min_slots: int = 1) -> Layout | None:
+  """layout() with a config section's packed_rows, packed_shapes and packed_spacing (no
+  packing when it sets no packed_rows, one shape when it sets no packed_shapes)."""
+  return layout(batch, groups, section.get('packed_rows', 0.0), width, min_slots,
+                int(section.get('packed_shapes', 1)), float(section.get('packed_spacing', 1 / 32)))
 
 
 def _round_up(n: int, multiple: int) -> int:

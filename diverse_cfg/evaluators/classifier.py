@@ -235,8 +235,7 @@ def packing_layout(exp: experiment_lib.Experiment, cfg: encoder.EncoderConfig, b
   anchors = 2 if cfg.anchors else 0
   width = exp.model_cfg.seq_len + anchors
   min_slots = min(width, int(exp.length_bounds.min) + anchors)
-  return packing.layout(batch, sharding_lib.batch_shards(exp.mesh), section.get('packed_rows', 0.0),
-                        width, min_slots, **packing.shape_options(section))
+  return packing.configured(section, batch, sharding_lib.batch_shards(exp.mesh), width, min_slots)
 
 
 def heldout_figures(qm: interface.QualityModel, tokens_NxT, prompt_NxC, batch_size: int,

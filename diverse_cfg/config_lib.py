@@ -107,7 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
   f.eval_k = 4
   # Converged? The 90 % interval of the change of the least-squares line of the held-out or the
   # on-policy KL over the last plateau_window of the steps lies within +-plateau_tol of its mean,
-  # and neither moves by more (diverse_cfg/convergence.py); reported, never enforced.
+  # and neither moves by more (diverse_cfg/convergence.py); reported, never enforced. The
+  # held-out KL is read every heldout_every steps (a multiple of log_every) on the first
+  # heldout_sequences validation sequences; its interval comes from their spread.
+  f.heldout_sequences, f.heldout_every = 128, 20
   f.plateau_window = 0.5
   f.plateau_tol = 0.1
 
@@ -269,6 +272,11 @@ def validate_finetune(f: ml_collections.ConfigDict) -> None:
   _require(0 < f.plateau_window <= 1, 'finetune.plateau_window', 'must lie in (0, 1]',
            f.plateau_window)
   _require(f.plateau_tol > 0, 'finetune.plateau_tol', 'must be > 0', f.plateau_tol)
+  _require(f.heldout_sequences >= 2, 'finetune.heldout_sequences',
+           'must be >= 2 (the held-out KL\'s interval comes from their spread)',
+           f.heldout_sequences)
+  _require(f.heldout_every > 0 and f.heldout_every % f.log_every == 0, 'finetune.heldout_every',
+           f'must be a positive multiple of finetune.log_every ({f.log_every})', f.heldout_every)
   _require(f.k >= 3 or f.batch_size >= 2, 'finetune.batch_size',
            'k = 2 needs >= 2 prompts per step (their pairs form the baseline)', f.batch_size)
   _require(f.temperature > 0, 'finetune.temperature', 'must be > 0', f.temperature)

@@ -3,24 +3,33 @@
 Criterion (`plateau`, for one logged figure): over the last `window` fraction
 of the run's steps, fit a least-squares line to the figure; its change from
 the window's first step to its last, relative to the window's mean, gets a
-90 % interval (Student t) from the residuals of a quadratic fit, so that a
-bending curve is not taken for noise; when they are serially correlated
-(lag-1 autocorrelation rho > 0, `lag1_autocorrelation`) the standard error is
-widened by sqrt((1 + rho) / (1 - rho)) and the degrees of freedom shrink to
-the effective number of points. The figure has *plateaued* when the whole
-interval lies within +-tol (an equivalence test: it is shown to move by at
-most tol), is *moving* when the whole interval lies beyond it, and is
-*undecided* when its noise is too large to tell in this many steps. It needs
-at least 3 logged points in the window; with fewer it says so.
+90 % interval (Student t). The figure has *plateaued* when the whole interval
+lies within +-tol (an equivalence test: it is shown to move by at most tol),
+is *moving* when the whole interval lies beyond it, and is *undecided* when it
+is too uncertain to tell in this many steps. It needs at least 3 logged points
+in the window; with fewer it says so.
+
+Where the interval comes from depends on what makes the figure uncertain:
+
+- The held-out KL (`kl_heldout`: the distillation KL teacher-forced on the same
+  held-out sequences at every log step, finetune.heldout_kl_fn) has no sampling
+  noise from one reading to the next: its wiggles are the parameters' own
+  movement, part of the change, not noise around it. What is uncertain is
+  which sequences were held out. Each sequence's KL is logged
+  (`kl_heldout/items`); each gets its own least-squares line, and the interval
+  of the mean change is a t interval over the sequences. It does not depend on
+  how often the run logs.
+- The on-policy KL (`kl`, a Monte-Carlo estimate over each step's rollouts) is
+  noisy and nearly independent from one logged step to the next: its interval
+  comes from the scatter of the readings around the line, estimated from a
+  quadratic fit's residuals (so that a bending curve is not taken for noise)
+  and widened, when those residuals are serially correlated (lag-1
+  autocorrelation rho > 0, `lag1_autocorrelation`), by sqrt((1 + rho) / (1 - rho))
+  with the degrees of freedom shrunk to the effective number of points.
 
 A student (`check`) has converged when one of its two KL readings has
-plateaued and neither is moving: the held-out KL (`kl_heldout`: the
-distillation KL teacher-forced on the same held-out sequences at every log
-step, finetune.heldout_kl_fn; free of sampling noise, but it drifts with the
-parameters, slowly when a diversity reward keeps them moving) and the
-on-policy KL (`kl`, a Monte-Carlo estimate over each step's rollouts: noisy,
-but nearly independent from one logged step to the next). Runs logged without
-`kl_heldout` are judged on `kl` alone.
+plateaued and neither is moving. Runs logged without `kl_heldout` are judged on
+`kl` alone; a `kl_heldout` logged without its items (older runs) is read like `kl`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,11 @@ from scipy import stats
 from diverse_cfg import workdir as workdir_lib
 
 LEVEL = 0.9  # two one-sided tests at 5 % each
+
+
+def items_key(key: str) -> str:
+  """The metrics.jsonl field holding a figure's per-item values (the figure is their mean)."""
+  return f'{key}/items'
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -51,7 +65,8 @@ def read_metrics(path: str) -> list[dict]:
 
 def plateau(rows: list[dict], key: str = 'kl', window: float = 0.5, tol: float = 0.1) -> dict:
   """{'plateaued', 'relative_change', 'window_steps', 'mean', 'criterion', ...} for one run."""
-  points = [(r['step'], r[key]) for r in rows if key in r and np.isfinite(r[key])]
+  points = [(r['step'], r[key], r.get(items_key(key))) for r in rows
+            if key in r and np.isfinite(r[key])]
   criterion = (f'least-squares line of {key} over the last {window:.0%} of steps moves by '
                f'<= {tol:.0%} of its mean, at {LEVEL:.0%} confidence')
   out = {'metric': key, 'criterion': criterion, 'plateaued': False, 'verdict': 'undecided'}
@@ -59,13 +74,39 @@ def plateau(rows: list[dict], key: str = 'kl', window: float = 0.5, tol: float =
     return {**out, 'reason': f'no {key} logged'}
   last = points[-1][0]
   start = last - window * last
-  steps, values = map(np.asarray, zip(*[p for p in points if p[0] >= start]))
-  if len(steps) < 3:
-    return {**out, 'reason': f'{len(steps)} logged points in the window, need 3'}
-  x, y = steps.astype(np.float64), values.astype(np.float64)
-  slope, intercept = np.polyfit(x, y, 1)
+  inside = [p for p in points if p[0] >= start]
+  if len(inside) < 3:
+    return {**out, 'reason': f'{len(inside)} logged points in the window, need 3'}
+  steps, values, items = zip(*inside)
+  x, y = np.asarray(steps, np.float64), np.asarray(values, np.float64)
   mean = float(y.mean())
-  span = float(x[-1] - x[0])
+  if all(v is not None for v in items) and len({len(v) for v in items}) == 1 and len(items[0]) > 1:
+    change, half, noise = _change_over_items(x, np.asarray(items, np.float64))
+  else:
+    change, half, noise = _change_over_readings(x, y)
+  scale = abs(mean) if mean else float('inf')
+  relative, lo, hi = change / scale, (change - half) / scale, (change + half) / scale
+  verdict = ('plateaued' if -tol <= lo and hi <= tol else
+             'moving' if lo > tol or hi < -tol else 'undecided')
+  return {**out, 'plateaued': verdict == 'plateaued', 'verdict': verdict,
+          'relative_change': float(relative), 'relative_change_interval': [float(lo), float(hi)],
+          'window_steps': [int(x[0]), int(x[-1])], 'mean': mean, **noise,
+          'first': float(y[0]), 'last': float(y[-1])}
+
+
+def _change_over_items(x, y_RxI) -> tuple[float, float, dict]:
+  """(change, half-width, details) of the mean of I items read at steps x: each item's
+  least-squares change over the window; a t interval over the items."""
+  change_I = np.polyfit(x, y_RxI, 1)[0] * (x[-1] - x[0])
+  n = change_I.size
+  half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * change_I.std(ddof=1) / np.sqrt(n)
+  return float(change_I.mean()), float(half), {'interval_from': 'items', 'items': int(n)}
+
+
+def _change_over_readings(x, y) -> tuple[float, float, dict]:
+  """(change, half-width, details) of one noisy reading per step: the line's change, its
+  interval from the residuals of a quadratic fit, widened for their serial correlation."""
+  slope, intercept = np.polyfit(x, y, 1)
   dof = len(x) - 2
   # The noise (spread and serial correlation) from a quadratic's residuals, so that a
   # bending curve is not mistaken for noise; the change is the line's (for evenly spaced
@@ -80,17 +121,10 @@ def plateau(rows: list[dict], key: str = 'kl', window: float = 0.5, tol: float =
   if rho > 0:  # AR(1) residuals: fewer effective points, a wider interval
     se_slope *= np.sqrt((1 + rho) / (1 - rho))
     dof = max(1.0, len(x) * (1 - rho) / (1 + rho) - (len(x) - dof))  # less the fitted terms
-  half = float(stats.t.ppf(0.5 + LEVEL / 2, dof) * se_slope * span)
-  scale = abs(mean) if mean else float('inf')
-  change = slope * span
-  relative, lo, hi = change / scale, (change - half) / scale, (change + half) / scale
-  verdict = ('plateaued' if -tol <= lo and hi <= tol else
-             'moving' if lo > tol or hi < -tol else 'undecided')
-  return {**out, 'plateaued': verdict == 'plateaued', 'verdict': verdict,
-          'relative_change': float(relative), 'relative_change_interval': [float(lo), float(hi)],
-          'window_steps': [int(steps[0]), int(steps[-1])], 'mean': mean,
-          'residual_autocorrelation': float(rho),
-          'first': float(values[0]), 'last': float(values[-1])}
+  span = x[-1] - x[0]
+  half = stats.t.ppf(0.5 + LEVEL / 2, dof) * se_slope * span
+  return float(slope * span), float(half), {'interval_from': 'readings',
+                                            'residual_autocorrelation': float(rho)}
 
 
 def lag1_autocorrelation(resid) -> float:
@@ -119,15 +153,16 @@ def describe(name: str, verdict: dict) -> str:
   if len(readings) == 1 and 'reason' in readings[0]:
     return f'{name}: convergence unknown ({readings[0]["reason"]})'
   state = {'plateaued': 'plateaued', 'moving': 'is still moving',
-           'undecided': 'plateau undecided (too noisy to tell in these steps)'}
+           'undecided': 'plateau undecided (too uncertain to tell in these steps)'}
 
   def reading(v):
     if 'reason' in v:
       return f'{v["metric"]} unknown ({v["reason"]})'
     lo, hi = v['window_steps']
     c_lo, c_hi = v['relative_change_interval']
+    over = f', interval over {v["items"]} items' if v.get('interval_from') == 'items' else ''
     return (f'{v["metric"]} {state[v["verdict"]]} ({v["relative_change"]:+.1%} '
-            f'[{c_lo:+.1%}, {c_hi:+.1%}] over steps {lo}-{hi}, mean {v["mean"]:.4g})')
+            f'[{c_lo:+.1%}, {c_hi:+.1%}] over steps {lo}-{hi}, mean {v["mean"]:.4g}{over})')
 
   overall = 'converged' if verdict['plateaued'] else 'not shown converged'
   return (f'{name}: {overall}: {"; ".join(reading(r) for r in readings)}; '

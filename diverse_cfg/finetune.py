@@ -58,20 +58,43 @@ def own_row_terms(cfg: model_lib.ModelConfig, kl: str, guidance, bounds, params,
   return position_terms(kl, sampling.bounded_log_probs(logits, bounds), teacher_BxTxV, tokens_BxT)
 
 
-def heldout_kl_fn(cfg: model_lib.ModelConfig, kl: str, guidance: sampling.Guidance,
-                  bounds: sampling.LengthBounds):
-  """(params, teacher, tokens_NxT, prompt_NxC) -> the distillation KL on fixed sequences.
+def packed_terms(cfg: model_lib.ModelConfig, kl: str, guidance, bounds, params, teacher,
+                 layout: packing.Layout, packed: packing.Packed, plan: packing.Plan):
+  """own_row_terms of sequences packed several per row, unpacked to their own rows."""
+  teacher_RxWxV = sampling.score_packed(cfg, teacher, packed, guidance, bounds)['cfg']
+  logits = model_lib.forward_packed(cfg, params, packed)
+  logp_RxWxV = sampling.bounded_log_probs(logits, bounds, packed.positions - cfg.prompt_len)
+  return tuple(layout.unpack(x_RxW, plan, cfg.prompt_len, cfg.seq_len)
+               for x_RxW in position_terms(kl, logp_RxWxV, teacher_RxWxV, packed.targets))
 
-  The finetuning objective's KL (summed over each sequence, averaged over them),
-  teacher-forced on the same held-out data sequences every time: a smooth
-  function of the student's parameters, free of the rollouts' sampling noise,
-  which is what the convergence criterion reads (diverse_cfg/convergence.py).
+
+def heldout_kl_fn(cfg: model_lib.ModelConfig, kl: str, guidance: sampling.Guidance,
+                  bounds: sampling.LengthBounds, pack: packing.Layout | None = None):
+  """(params, teacher, tokens_NxT, prompt_NxC) -> kl_N: the distillation KL of each fixed sequence.
+
+  The finetuning objective's KL (summed over the sequence), teacher-forced on the
+  same held-out data sequences every time: a function of the student's parameters
+  alone, free of the rollouts' sampling noise. The convergence criterion reads
+  its mean and takes its interval over the sequences (diverse_cfg/convergence.py).
+  pack: scored packed several per row when they fit in its rows.
   """
   guidance, bounds = sampling.as_traced(guidance), sampling.as_traced(bounds)
 
   def heldout_kl(params, teacher, tokens_NxT, prompt_NxC):
-    kl_NxT = own_row_terms(cfg, kl, guidance, bounds, params, teacher, tokens_NxT, prompt_NxC)[0]
-    return jnp.mean(jnp.sum(kl_NxT * sampling.token_mask(tokens_NxT), -1))
+    def own_rows(p):
+      return own_row_terms(cfg, kl, guidance, bounds, p, teacher, tokens_NxT, prompt_NxC)[0]
+
+    if pack is None:
+      kl_NxT = own_rows(params)
+    else:
+      plan = pack.plan(tokens_NxT, cfg.prompt_len)
+
+      def packed_rows(layout, p):
+        packed = layout.pack(plan, tokens_NxT, prompt_NxC, jnp.zeros(tokens_NxT.shape[:1], bool))
+        return packed_terms(cfg, kl, guidance, bounds, p, teacher, layout, packed, plan)[0]
+
+      kl_NxT = pack.run(plan, packed_rows, own_rows, params)
+    return jnp.sum(kl_NxT * sampling.token_mask(tokens_NxT), -1)
 
   return jax.jit(heldout_kl)
 
@@ -96,11 +119,8 @@ def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, s
                          prompt_BxC)
 
   def terms_in_packed_rows(params, frozen, layout, packed, plan):
-    teacher_RxWxV = sampling.score_packed(cfg, frozen['teacher'], packed, guidance, bounds)['cfg']
-    logits = model_lib.forward_packed(cfg, params, packed)
-    logp_RxWxV = sampling.bounded_log_probs(logits, bounds, packed.positions - cfg.prompt_len)
-    return tuple(layout.unpack(x_RxW, plan, cfg.prompt_len, cfg.seq_len)
-                 for x_RxW in position_terms(f.kl, logp_RxWxV, teacher_RxWxV, packed.targets))
+    return packed_terms(cfg, f.kl, guidance, bounds, params, frozen['teacher'], layout, packed,
+                        plan)
 
   def train_step(state, batch, step, frozen):
     prompt_PxC = batch['prompt']
@@ -181,12 +201,18 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
   prompts = pipeline.make_train_iterator(exp.sources['train'], f.batch_size, exp.config.seed,
                                          batch_sharding, keys=('prompt',))
   rows = f.batch_size * f.k
-  heldout_kl = heldout_kl_fn(cfg, f.kl, teacher_guidance(exp.config), exp.length_bounds)
-  heldout = {k: sharding_lib.to_global(v, repl) for k, v in heldout_examples(exp).items()}
+  heldout = heldout_examples(exp, f.heldout_sequences)
+  # Replicated, packed in one shape (the sequences never change) when they fit.
+  heldout_kl = heldout_kl_fn(cfg, f.kl, teacher_guidance(exp.config), exp.length_bounds,
+                             packing.layout(len(heldout['tokens']), 1, f.packed_rows,
+                                            *packing.row_slots(cfg, exp.length_bounds)))
+  heldout = {k: sharding_lib.to_global(v, repl) for k, v in heldout.items()}
 
   def probe(state):
-    return {'kl_heldout': float(heldout_kl(state['params'], teacher, heldout['tokens'],
-                                           heldout['prompt']))}
+    kl_N = np.asarray(heldout_kl(state['params'], teacher, heldout['tokens'], heldout['prompt']),
+                      np.float64)
+    return {'kl_heldout': float(kl_N.mean()),
+            convergence.items_key('kl_heldout'): [float(v) for v in kl_N]}
 
   return training.Task(
       name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
@@ -195,6 +221,7 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
                                   teacher_guidance(exp.config), exp.length_bounds,
                                   exp.packing(rows, f)),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn, probe=probe,
+      probe_every=f.heldout_every,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},
       frozen_shardings={'teacher': teacher_shardings,
@@ -202,12 +229,12 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
       tokens_per_step=rows * cfg.seq_len, flops_per_step=finetune_flops(cfg, rows))
 
 
-def heldout_examples(exp: experiment_lib.Experiment,
+def heldout_examples(exp: experiment_lib.Experiment, count: int | None = None,
                      split: str = 'validation') -> dict[str, np.ndarray]:
-  """{'tokens', 'prompt'} of the first finetune.eval_prompts examples of a held-out split
-  (deterministic)."""
+  """{'tokens', 'prompt'} of the first `count` (default finetune.eval_prompts) examples of a
+  held-out split (deterministic)."""
   src = exp.sources.get(split) or exp.sources['test']
-  n = min(exp.config.finetune.eval_prompts, len(src))
+  n = min(exp.config.finetune.eval_prompts if count is None else count, len(src))
   return {key: np.stack([np.asarray(src[i][key]) for i in range(n)]).astype(np.int32)
           for key in ('tokens', 'prompt')}
 

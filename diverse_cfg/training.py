@@ -88,14 +88,16 @@ class MetricsWriter:
     except ImportError:  # TensorBoard is optional; JSON lines always work
       self.tb = None
 
-  def write(self, step: int, metrics: dict[str, float]) -> None:
+  def write(self, step: int, metrics: dict[str, float | list[float]]) -> None:
+    """One row; list values (a figure's per-item values) go to the JSON lines only."""
     if not self.active:
       return
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self.jsonl.flush()
     if self.tb is not None:
       for k, v in metrics.items():
-        self.tb.add_scalar(k, v, step)
+        if not isinstance(v, list):
+          self.tb.add_scalar(k, v, step)
       self.tb.flush()
 
   def close(self) -> None:
@@ -151,9 +153,11 @@ class Task:
   batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
   batch_shardings: Any = None
   evaluate: Callable[[dict, int], dict[str, float]] | None = None
-  # state -> {name: float}: cheap figures of the current state, logged with every log row
-  # (e.g. finetuning's held-out KL); their time is not counted as training throughput.
-  probe: Callable[[dict], dict[str, float]] | None = None
+  # state -> {name: float or list of floats}: figures of the current state, logged with the
+  # log row of every probe_every-th step (0: every log row) and the last (e.g. finetuning's
+  # held-out KL); their time is not counted as training throughput.
+  probe: Callable[[dict], dict[str, float | list[float]]] | None = None
+  probe_every: int = 0
   tokens_per_step: int = 0
   flops_per_step: float = 0.0
   # Replaces the random init on a fresh run (e.g. a student starting from the base model).
@@ -233,9 +237,10 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
       if real is not None and task.tokens_per_step:
         flops = task.flops_per_step / task.tokens_per_step * real
       row['mfu'] = flops / elapsed / (t.peak_flops * num_devices)
-    if task.probe is not None:
-      row.update(task.probe(state))
     last = pending[-1][0]
+    if task.probe is not None and (not task.probe_every or last % task.probe_every == 0
+                                   or last == t.num_steps):
+      row.update(task.probe(state))
     writer.write(last, row)
     history.append({'step': last, **row})
     bar.set_postfix({k: f'{row[k]:.4g}' for k in list(row)[:3]})

@@ -12,13 +12,13 @@ in the window; with fewer it says so.
 Where the interval comes from depends on what makes the figure uncertain:
 
 - The held-out KL (`kl_heldout`: the distillation KL teacher-forced on the same
-  held-out sequences at every log step, finetune.heldout_kl_fn) has no sampling
+  held-out sequences every finetune.heldout_every steps, finetune.heldout_kl_fn) has no sampling
   noise from one reading to the next: its wiggles are the parameters' own
   movement, part of the change, not noise around it. What is uncertain is
   which sequences were held out. Each sequence's KL is logged
   (`kl_heldout/items`); each gets its own least-squares line, and the interval
-  of the mean change is a t interval over the sequences. It does not depend on
-  how often the run logs.
+  of the mean change is a t interval over the sequences: how often the run
+  reads it no longer decides the interval's width.
 - The on-policy KL (`kl`, a Monte-Carlo estimate over each step's rollouts) is
   noisy and nearly independent from one logged step to the next: its interval
   comes from the scatter of the readings around the line, estimated from a

@@ -34,7 +34,7 @@ def base_run(tmp_path_factory):
   config.finetune.num_steps = 40
   config.finetune.batch_size = 8
   config.finetune.lr = 1e-3
-  config.finetune.log_every = config.finetune.heldout_every = 5
+  config.finetune.log_every, config.finetune.heldout_every = 5, 10
   config.finetune.eval_every = 40
   config.finetune.ckpt_every = 40
   config.finetune.eval_prompts = 8

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from diverse_cfg import convergence
 
@@ -94,7 +95,6 @@ def test_serially_correlated_noise_widens_the_interval_to_keep_its_coverage():
 
 def test_a_figure_logged_with_its_items_takes_its_interval_over_them():
   """Closed form: each item's least-squares change over the window, a t interval over items."""
-  from scipy import stats
   items = [[4.0, 10.0, 1.0], [5.0, 9.0, 1.0], [6.0, 8.0, 4.0]]  # read at steps 10, 20, 30
   key = convergence.items_key('kl_heldout')
   rows = [{'step': s, 'kl_heldout': float(np.mean(v)), key: v} for s, v in zip((10, 20, 30), items)]
@@ -112,7 +112,7 @@ def test_a_figure_logged_with_its_items_takes_its_interval_over_them():
                              'kl_heldout', window=1.0)['interval_from'] == 'readings'
 
 
-def test_a_held_out_figure_s_verdict_does_not_depend_on_how_often_it_is_logged():
+def test_the_held_out_verdict_does_not_depend_on_how_often_it_is_read():
   """64 held-out sequences whose KL waves together (+-4 %, the parameters' own movement) and
   drifts by its own amount each (mean 0): read over the items it has plateaued whether logged
   every step or every 10; its mean read as noisy readings is undecided when logged densely (the

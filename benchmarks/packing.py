@@ -13,7 +13,10 @@ On a pipeline run's work directory (its dataset, base model and embedder):
   rollout compacted down to that many rows; 0 = not): the same; and
   the rollout alone (packing does not touch it), on the same prompts;
 * the classifier's training step (the evaluators' encoder, real batches) for
-  each packed_rows[:packed_shapes] in --classifier.
+  each packed_rows[:packed_shapes] in --classifier;
+* the finetune stage's held-out KL probe (finetune.heldout_kl_fn on the first N
+  validation sequences, the base model as student) for each N[:packed_rows] in
+  --heldout (packed_rows 0 = each sequence in its own row).
 An empty list skips its table.
 Compilation is excluded, every timed call ends with block_until_ready, and
 the settings are timed interleaved (A B C A B C ...), so a change in the
@@ -41,6 +44,7 @@ from diverse_cfg import checkpoints
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
+from diverse_cfg import packing
 from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
@@ -57,6 +61,8 @@ _FINETUNE = flags.DEFINE_string(
     'step.')
 _CLASSIFIER = flags.DEFINE_string('classifier', '0,0.5:1,0.5',
                                   'packed_rows[:packed_shapes] for the classifier step.')
+_HELDOUT = flags.DEFINE_string(
+    'heldout', '32:0,128:0,128:0.5', 'N[:packed_rows] for the held-out KL probe (0 = own rows).')
 _BETA = flags.DEFINE_float('beta', 8.0, 'The student whose step is timed.')
 _FROM_STUDENT = flags.DEFINE_bool(
     'from_student', False, "Time the finetuning step from the work directory's trained student "
@@ -135,6 +141,35 @@ def packing_setting(section, item: str) -> tuple[float, int]:
   return section.packed_rows, section.packed_shapes
 
 
+def heldout_probe(config, wd: workdir_lib.WorkDir, settings: list[str], steps: int) -> list:
+  """Seconds per held-out KL reading (the probe the finetune stage runs every
+  finetune.heldout_every steps) for each N[:packed_rows], timed interleaved."""
+  exp = experiment_lib.prepare(config)
+  cfg, f = exp.model_cfg, exp.config.finetune
+  teacher = checkpoints.restore_model_params(workdir_lib.checkpoints(wd.pretrain), cfg, exp.mesh,
+                                             exp.rules)[0]
+  guidance = finetune.teacher_guidance(exp.config)
+  calls, sums = {}, {}
+  with sharding.activate(exp.mesh, exp.rules):
+    for item in settings:
+      n, _, fraction = item.partition(':')
+      n, fraction = int(n), float(fraction or 0)
+      data = finetune.heldout_examples(exp, n)
+      pack = (packing.layout(len(data['tokens']), 1, fraction,
+                             *packing.row_slots(cfg, exp.length_bounds)) if fraction else None)
+      fn = finetune.heldout_kl_fn(cfg, f.kl, guidance, exp.length_bounds, pack)
+      calls[item] = functools.partial(fn, teacher, teacher, data['tokens'], data['prompt'])
+      sums[item] = float(calls[item]().sum())  # compiles
+    timing = time_interleaved(calls, steps)
+  rows = [{'setting': item, 'sec': timing[item]['median_s'], 'kl_sum': sums[item]}
+          for item in settings]
+  print('\n### Held-out KL probe (finetune.heldout_kl_fn; the base model as student)\n')
+  print('| sequences : packed_rows | s per reading (median) | sum of the KLs |\n|---|---:|---:|')
+  for r in rows:
+    print(f"| {r['setting']} | {r['sec']:.3f} | {r['kl_sum']:.2f} |")
+  return rows
+
+
 def main(_):
   config, workdir, steps = _CONFIG.value, _WORKDIR.value, _STEPS.value
   print(f'devices: {jax.devices()}')
@@ -208,6 +243,8 @@ def main(_):
     print(table(out['finetune'], f'Finetuning step from {start} (beta {_BETA.value:g}, '
                                  'batch = prompts x k rollouts)'))
     print(f'\nthe rollout alone (student sampling, no packing): {out["rollout_s"]:.3f} s (median)')
+  if _HELDOUT.value:
+    out['heldout'] = heldout_probe(config, wd, items(_HELDOUT.value), steps)
   if _OUT.value:
     with open(_OUT.value, 'w') as fh:
       json.dump(out, fh, indent=1)

@@ -2,7 +2,10 @@
 
 Below, the fixtures that several test files share.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -11,6 +14,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # pylint: disable=g-import-not-at-top,wrong-import-position  (JAX only after the device flags)
 import jax
 import pytest
+
+# A compilation cache of this test process's own (not its subprocesses'), empty at the start and
+# removed at exit: a program built again (a run, its preempted twin and their resumption each
+# build the same training step) is compiled once. A hit still reports a backend compilation
+# (helpers.count_compiles counts it).
+_JIT_CACHE = tempfile.mkdtemp(prefix='diverse_cfg_test_jit_')
+atexit.register(shutil.rmtree, _JIT_CACHE, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _JIT_CACHE)
 
 import helpers
 from diverse_cfg import pretrain

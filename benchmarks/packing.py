@@ -44,7 +44,6 @@ from diverse_cfg import checkpoints
 from diverse_cfg import evaluators
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
-from diverse_cfg import packing
 from diverse_cfg import pretrain
 from diverse_cfg import sampling
 from diverse_cfg import sharding
@@ -155,9 +154,8 @@ def heldout_probe(config, wd: workdir_lib.WorkDir, settings: list[str], steps: i
       n, _, fraction = item.partition(':')
       n, fraction = int(n), float(fraction or 0)
       data = finetune.heldout_examples(exp, n)
-      pack = (packing.layout(len(data['tokens']), 1, fraction,
-                             *packing.row_slots(cfg, exp.length_bounds)) if fraction else None)
-      fn = finetune.heldout_kl_fn(cfg, f.kl, guidance, exp.length_bounds, pack)
+      fn = finetune.heldout_kl_fn(cfg, f.kl, guidance, exp.length_bounds,
+                                  finetune.heldout_layout(exp, len(data['tokens']), fraction))
       calls[item] = functools.partial(fn, teacher, teacher, data['tokens'], data['prompt'])
       sums[item] = float(calls[item]().sum())  # compiles
     timing = time_interleaved(calls, steps)

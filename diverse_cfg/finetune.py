@@ -202,10 +202,8 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
                                          batch_sharding, keys=('prompt',))
   rows = f.batch_size * f.k
   heldout = heldout_examples(exp, f.heldout_sequences)
-  # Replicated, packed in one shape (the sequences never change) when they fit.
   heldout_kl = heldout_kl_fn(cfg, f.kl, teacher_guidance(exp.config), exp.length_bounds,
-                             packing.layout(len(heldout['tokens']), 1, f.packed_rows,
-                                            *packing.row_slots(cfg, exp.length_bounds)))
+                             heldout_layout(exp, len(heldout['tokens']), f.packed_rows))
   heldout = {k: sharding_lib.to_global(v, repl) for k, v in heldout.items()}
 
   def probe(state):
@@ -227,6 +225,13 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
       frozen_shardings={'teacher': teacher_shardings,
                         'embedder': jax.tree.map(lambda _: repl, embedder.params)},
       tokens_per_step=rows * cfg.seq_len, flops_per_step=finetune_flops(cfg, rows))
+
+
+def heldout_layout(exp: experiment_lib.Experiment, count: int,
+                   packed_rows: float) -> packing.Layout | None:
+  """How the probe packs its `count` replicated sequences: one shape (they never change), in
+  packed_rows of their rows; None (own rows) for 0 or when they cannot fit."""
+  return packing.layout(count, 1, packed_rows, *packing.row_slots(exp.model_cfg, exp.length_bounds))
 
 
 def heldout_examples(exp: experiment_lib.Experiment, count: int | None = None,

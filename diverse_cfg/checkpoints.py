@@ -174,6 +174,15 @@ def read_config(directory: str, step: int | None = None) -> ml_collections.Confi
   return ml_collections.ConfigDict(cfg)
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the checkpoints kept in a directory, ascending."""
+  mngr = _manager(directory, read_only=True)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
 def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
   """Only the params of a checkpoint, laid out as `abstract_params` says (any mesh)."""
   mngr = _manager(directory, read_only=True)

@@ -164,16 +164,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _loop_section(*, batch_size, num_steps, lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2,
                   log_every, eval_every, eval_batches, ckpt_every, keep, grad_clip=1.0,
-                  peak_flops=150e9) -> ml_collections.ConfigDict:
+                  peak_flops=150e9, decay_steps=0) -> ml_collections.ConfigDict:
   """The optimiser and loop fields every training stage has (training.run reads them).
 
   batch_size is global; the schedule is linear warmup then cosine decay to
-  lr * min_lr_ratio; eval_batches = 0 means the whole validation split;
+  lr * min_lr_ratio at step decay_steps (0: num_steps), held there after it;
+  eval_batches = 0 means the whole validation split;
   peak_flops is per device, for MFU (default: a 2048^2 f32 matmul measured here).
   """
   return ml_collections.ConfigDict(dict(
       batch_size=batch_size, num_steps=num_steps, lr=lr, warmup_steps=warmup_steps,
-      min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,
+      min_lr_ratio=min_lr_ratio, decay_steps=decay_steps, weight_decay=weight_decay, b1=b1,
+      b2=b2, grad_clip=grad_clip,
       log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
       ckpt_every=ckpt_every, keep=keep, peak_flops=peak_flops))
 
@@ -241,6 +243,9 @@ def validate_train(t: ml_collections.ConfigDict, section: str = 'train') -> None
     _require(t[f] > 0, f'{section}.{f}', 'must be positive', t[f])
   _require(t.lr > 0, f'{section}.lr', 'must be positive', t.lr)
   _require(0 <= t.warmup_steps, f'{section}.warmup_steps', 'must be >= 0', t.warmup_steps)
+  _require(t.decay_steps == 0 or t.warmup_steps < t.decay_steps <= t.num_steps,
+           f'{section}.decay_steps', f'must be 0 (decay until num_steps) or in '
+           f'({section}.warmup_steps, {section}.num_steps]', t.decay_steps)
   _require(0 <= t.min_lr_ratio <= 1, f'{section}.min_lr_ratio', 'must be in [0, 1]', t.min_lr_ratio)
   _require(t.grad_clip > 0, f'{section}.grad_clip', 'must be positive', t.grad_clip)
   _require(t.eval_batches >= 0, f'{section}.eval_batches', 'must be >= 0', t.eval_batches)

@@ -99,6 +99,33 @@ def heldout_kl_fn(cfg: model_lib.ModelConfig, kl: str, guidance: sampling.Guidan
   return jax.jit(heldout_kl)
 
 
+def rollout_kl_fn(cfg: model_lib.ModelConfig, kl: str, temperature: float,
+                  guidance: sampling.Guidance, bounds: sampling.LengthBounds,
+                  pack: packing.Layout | None = None, min_rows: int = 0):
+  """(params, teacher, prompt_NxC, key) -> (kl_N, tokens_NxT): the distillation KL of each of
+  the student's rollouts, and the rollouts.
+
+  The finetuning objective itself (on-policy: the student samples the sequences it is scored
+  on, as in a training step). Read with the same prompts and key at two checkpoints, the
+  rollouts share their uniforms (common random numbers) and differ only where the students
+  do (benchmarks/objective_change.py). pack, min_rows: as heldout_kl_fn's and
+  sampling.generate's.
+  """
+  score = heldout_kl_fn(cfg, kl, guidance, bounds, pack)
+  bounds = sampling.as_traced(bounds)
+
+  @jax.jit
+  def rollouts(params, prompt_NxC, key):
+    return sampling.generate(cfg, cfg.seq_len, False, params, prompt_NxC, key, sampling.Guidance(),
+                             temperature, jnp.int32(0), bounds, min_rows=min_rows)[0]
+
+  def rollout_kl(params, teacher, prompt_NxC, key):
+    tokens_NxT = rollouts(params, prompt_NxC, key)
+    return score(params, teacher, tokens_NxT, prompt_NxC), tokens_NxT
+
+  return rollout_kl
+
+
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
                      embed_apply, guidance: sampling.Guidance,
                      bounds: sampling.LengthBounds = sampling.LengthBounds(),

@@ -44,10 +44,12 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+  """AdamW with linear warmup and cosine decay (until decay_steps, 0 = num_steps; held at its
+  end value after), after global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
-      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+      decay_steps=max(t.decay_steps or t.num_steps, t.warmup_steps + 1),
+      end_value=t.lr * t.min_lr_ratio)
   tx = optax.chain(optax.clip_by_global_norm(t.grad_clip),
                    optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
   return tx, schedule

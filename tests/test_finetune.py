@@ -56,6 +56,24 @@ def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
   assert logged[-1]['kl_heldout'] == pytest.approx(float(np.mean(final_N)), rel=1e-5)
   assert logged[-1]['kl_heldout'] < 0.7 * logged[0]['kl_heldout'], logged
 
+  # The objective on fixed rollouts (benchmarks/objective_change.py): scored packed or in their
+  # own rows alike, the same key giving the same rollouts; lower for the distilled student than
+  # for the base model it started from.
+  prompts = heldout['prompt'][:16]
+  layout = finetune.heldout_layout(exp, len(prompts), config.finetune.packed_rows)
+  assert layout is not None
+  read = {pack: finetune.rollout_kl_fn(exp.model_cfg, config.finetune.kl, 1.0,
+                                       finetune.teacher_guidance(exp.config), exp.length_bounds,
+                                       pack)
+          for pack in (None, layout)}
+  key = jax.random.key(3)
+  (own_N, tokens), (packed_N, packed_tokens) = (
+      fn(results[0.0].state['params'], teacher, prompts, key) for fn in read.values())
+  np.testing.assert_array_equal(tokens, packed_tokens)
+  np.testing.assert_allclose(packed_N, own_N, rtol=1e-5, atol=1e-5)
+  base_N, _ = read[None](teacher, teacher, prompts, key)
+  assert float(np.mean(own_N)) < 0.7 * float(np.mean(base_N)), (own_N, base_N)
+
   # Merging: lambda = 0 and 1 return the students exactly; 0.5 lies between.
   pq, pd = results[0.0].state['params'], results[20.0].state['params']
   jax.tree.map(np.testing.assert_array_equal, merge.merge_params(pq, pd, 0.0), pq)

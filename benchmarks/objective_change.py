@@ -1,0 +1,122 @@
+"""How much the finetuning objective moved between saved checkpoints of each student.
+
+The objective is the on-policy distillation KL (finetune.rollout_kl_fn): the
+student samples k rollouts from each of the first --prompts validation prompts
+and the KL to the CFG teacher is summed over each rollout. Every checkpoint is
+read on the same prompts with the same keys (common random numbers), so the
+change between two checkpoints is paired by prompt: its 90 % t interval over
+the prompts (convergence.LEVEL, the finetune stage's criterion) is printed as a
+share of the two readings' mean. The finetune stage's own readings are the
+held-out KL teacher-forced on validation tunes (`kl_heldout`) and the noisy
+per-step on-policy KL (`kl`, diverse_cfg/convergence.py); this one reads the
+objective itself, precisely, at the cost of sampling prompts x k rollouts per
+checkpoint. CPU, about 20 s per checkpoint at 256 x 4 on the `cpu` preset:
+
+  python -m benchmarks.objective_change --config=configs/essen.py:cpu --workdir=DIR \
+      --config.data.data_dir=DIR/data --steps=150,300
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+from scipy import stats
+
+from benchmarks.common import write_json
+from diverse_cfg import checkpoints
+from diverse_cfg import convergence
+from diverse_cfg import experiment as experiment_lib
+from diverse_cfg import finetune
+from diverse_cfg import sampling
+from diverse_cfg import workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset] of the run.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A pipeline run with finetuned students.')
+_BETAS = flags.DEFINE_list('betas', None, 'Students to read (default: finetune.betas).')
+_STEPS = flags.DEFINE_list('steps', None, 'Checkpoint steps to read (default: every one kept).')
+_PROMPTS = flags.DEFINE_integer('prompts', 256, 'Validation prompts (the first ones).')
+_K = flags.DEFINE_integer('k', 4, 'Rollouts per prompt.')
+_BATCH = flags.DEFINE_integer('batch', 128, 'Rollouts per call.')
+_SEED = flags.DEFINE_integer('seed', 1234, 'Seed of the rollouts\' keys (the same at every step).')
+_OUT = flags.DEFINE_string('out', None, 'Optional JSON output path.')
+
+
+def objective_by_prompt(rollout_kl, params, teacher, prompt_PxC, k: int, batch: int,
+                        seed: int) -> tuple[np.ndarray, float]:
+  """(mean KL of each prompt's k rollouts, mean rollout length): batch rows per call, the
+  call's key fixed by its position (common random numbers across checkpoints)."""
+  prompt_BxC = np.repeat(prompt_PxC, k, axis=0)
+  kl, lengths = [], []
+  for i, start in enumerate(range(0, len(prompt_BxC), batch)):
+    kl_R, tokens_RxT = rollout_kl(params, teacher, prompt_BxC[start:start + batch],
+                                  jax.random.fold_in(jax.random.key(seed), i))
+    kl.append(np.asarray(kl_R, np.float64))
+    lengths.append(np.asarray(sampling.token_mask(tokens_RxT)).sum(-1))
+  return np.concatenate(kl).reshape(-1, k).mean(1), float(np.concatenate(lengths).mean())
+
+
+def paired_change(before_P: np.ndarray, after_P: np.ndarray) -> dict:
+  """The mean change, its t interval over prompts (convergence.LEVEL), both relative too."""
+  d_P = after_P - before_P
+  half = stats.t.ppf(0.5 + convergence.LEVEL / 2, len(d_P) - 1) * d_P.std(ddof=1) / np.sqrt(len(d_P))
+  mean = (before_P.mean() + after_P.mean()) / 2
+  change = float(d_P.mean())
+  return {'change': change, 'interval': [change - half, change + half],
+          'relative': change / mean, 'relative_interval': [(change - half) / mean,
+                                                           (change + half) / mean]}
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/grain chatter off
+  config = _CONFIG.value
+  exp = experiment_lib.prepare(config)
+  cfg, f = exp.model_cfg, exp.config.finetune
+  wd = workdir_lib.of(_WORKDIR.value)
+  teacher, shardings = checkpoints.restore_model_params(workdir_lib.checkpoints(wd.pretrain), cfg,
+                                                        exp.mesh, exp.rules)
+  abstract = checkpoints.abstract_like(teacher, shardings)
+  prompt_PxC = finetune.heldout_examples(exp, _PROMPTS.value)['prompt']
+  rows = min(_BATCH.value, len(prompt_PxC) * _K.value)
+  if len(prompt_PxC) * _K.value % rows:
+    raise app.UsageError(f'--batch={rows} must divide the {len(prompt_PxC)} prompts x --k='
+                         f'{_K.value} rollouts (one compiled shape)')
+  rollout_kl = finetune.rollout_kl_fn(cfg, f.kl, f.temperature, finetune.teacher_guidance(config),
+                                      exp.length_bounds,
+                                      finetune.heldout_layout(exp, rows, f.packed_rows),
+                                      int(f.rollout_min_rows))
+  out = {'prompts': len(prompt_PxC), 'k': _K.value, 'level': convergence.LEVEL, 'students': {}}
+  print(f'On-policy KL(student || teacher) per rollout, {len(prompt_PxC)} validation prompts x '
+        f'{_K.value} rollouts, the same keys at every step; change: {convergence.LEVEL:.0%} '
+        'interval over prompts\n')
+  print('| student | step | objective | length | change from the previous step |')
+  print('|---|---:|---:|---:|---|')
+  for beta in (_BETAS.value or f.betas):
+    ckpt_dir = workdir_lib.checkpoints(wd.student(float(beta)))
+    steps = [int(s) for s in _STEPS.value] if _STEPS.value else checkpoints.saved_steps(ckpt_dir)
+    readings, previous = [], None
+    for step in steps:
+      params = checkpoints.restore_params(ckpt_dir, abstract, step)
+      kl_P, length = objective_by_prompt(rollout_kl, params, teacher, prompt_PxC, _K.value, rows,
+                                         _SEED.value)
+      reading = {'step': step, 'objective': float(kl_P.mean()), 'length': length}
+      moved = ''
+      if previous is not None:
+        reading['change'] = c = paired_change(previous, kl_P)
+        lo, hi = c['relative_interval']
+        moved = f'{c["relative"]:+.1%} [{lo:+.1%}, {hi:+.1%}]'
+      print(f'| beta {float(beta):g} | {step} | {kl_P.mean():.3f} | {length:.1f} | {moved} |',
+            flush=True)
+      readings.append(reading)
+      previous = kl_P
+    out['students'][f'{float(beta):g}'] = readings
+  write_json(_OUT.value, out)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -24,7 +24,6 @@ from absl import logging as absl_logging
 import jax
 import numpy as np
 from ml_collections import config_flags
-from scipy import stats
 
 from benchmarks.common import write_json
 from diverse_cfg import checkpoints
@@ -57,17 +56,6 @@ def objective_by_prompt(rollout_kl, params, teacher, prompt_PxC, k: int, batch: 
     kl.append(np.asarray(kl_R, np.float64))
     lengths.append(np.asarray(sampling.token_mask(tokens_RxT)).sum(-1))
   return np.concatenate(kl).reshape(-1, k).mean(1), float(np.concatenate(lengths).mean())
-
-
-def paired_change(before_P: np.ndarray, after_P: np.ndarray) -> dict:
-  """The mean change, its t interval over prompts (convergence.LEVEL), both relative too."""
-  d_P = after_P - before_P
-  half = stats.t.ppf(0.5 + convergence.LEVEL / 2, len(d_P) - 1) * d_P.std(ddof=1) / np.sqrt(len(d_P))
-  mean = (before_P.mean() + after_P.mean()) / 2
-  change = float(d_P.mean())
-  return {'change': change, 'interval': [change - half, change + half],
-          'relative': change / mean, 'relative_interval': [(change - half) / mean,
-                                                           (change + half) / mean]}
 
 
 def main(argv):
@@ -106,7 +94,7 @@ def main(argv):
       reading = {'step': step, 'objective': float(kl_P.mean()), 'length': length}
       moved = ''
       if previous is not None:
-        reading['change'] = c = paired_change(previous, kl_P)
+        reading['change'] = c = convergence.paired_change(previous, kl_P)
         lo, hi = c['relative_interval']
         moved = f'{c["relative"]:+.1%} [{lo:+.1%}, {hi:+.1%}]'
       print(f'| beta {float(beta):g} | {step} | {kl_P.mean():.3f} | {length:.1f} | {moved} |',

@@ -127,6 +127,19 @@ def _change_over_readings(x, y) -> tuple[float, float, dict]:
                                             'residual_autocorrelation': float(rho)}
 
 
+def paired_change(before_P, after_P) -> dict:
+  """The mean change of a figure read twice on the same P items (before -> after), its t
+  interval over the items (LEVEL), and both relative to the two readings' mean
+  (benchmarks/objective_change.py: the objective at two checkpoints, paired by prompt)."""
+  before_P, after_P = np.asarray(before_P, np.float64), np.asarray(after_P, np.float64)
+  d_P = after_P - before_P
+  half = stats.t.ppf(0.5 + LEVEL / 2, len(d_P) - 1) * d_P.std(ddof=1) / np.sqrt(len(d_P))
+  mean, change = (before_P.mean() + after_P.mean()) / 2, float(d_P.mean())
+  return {'change': change, 'interval': [change - half, change + half],
+          'relative': change / mean,
+          'relative_interval': [(change - half) / mean, (change + half) / mean]}
+
+
 def lag1_autocorrelation(resid) -> float:
   """The lag-1 autocorrelation of a quadratic fit's residuals, clipped to [-0.95, 0.95] (0 when
   constant).

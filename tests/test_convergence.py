@@ -190,11 +190,10 @@ def test_a_student_converges_on_either_kl_unless_the_other_moves():
 
 
 def test_objective_change_is_paired_by_prompt():
-  from benchmarks import objective_change  # pylint: disable=import-outside-toplevel
   before = np.array([2.0, 4.0, 6.0, 8.0])
-  c = objective_change.paired_change(before, before - 1.0)  # every prompt falls by 1
+  c = convergence.paired_change(before, before - 1.0)  # every prompt falls by 1
   assert c['change'] == -1.0 and c['interval'] == [-1.0, -1.0]  # spread across prompts: no width
   assert c['relative'] == pytest.approx(-1.0 / 4.5)  # the two readings' mean: (5 + 4) / 2
-  c = objective_change.paired_change(before, before + np.array([1.0, -1.0, 1.0, -1.0]))
+  c = convergence.paired_change(before, before + np.array([1.0, -1.0, 1.0, -1.0]))
   half = stats.t.ppf(0.95, 3) * np.sqrt(4 / 3) / 2  # t(90 %, 3 dof) * sd / sqrt(n)
   assert c['change'] == 0.0 and c['interval'] == pytest.approx([-half, half])

@@ -245,8 +245,8 @@ def test_early_exit_gives_the_fixed_length_loops_tokens_bit_for_bit(guided, guid
 def test_compacted_loops_give_the_fixed_length_loops_tokens_bit_for_bit(guided, guidance):
   """Rows of 64 steps ending at different steps: the running rows move into batches of 4, then
   2 rows (their caches and uniforms with them), with the same tokens; the log-probs equal to
-  float rounding (here bit for bit unguided; within 5e-6 guided, whose 2B-row matmuls round
-  differently at 16, 8 and 4 rows)."""
+  float rounding (here bit for bit unguided; guided, whose 2B-row matmuls round differently at
+  16, 8 and 4 rows, within 1e-5 of their value: 5.5e-6 seen at -2.49 on one AVX-512 CPU)."""
   cfg = dataclasses.replace(CFG, seq_len=64)
   params = helpers.params(cfg)
   _, prompt = helpers.batch(cfg, batch=8)
@@ -255,7 +255,7 @@ def test_compacted_loops_give_the_fixed_length_loops_tokens_bit_for_bit(guided, 
   tok_f, lp_f = _generate(*args, early_exit=False)
   np.testing.assert_array_equal(tok_c, tok_f)
   if guided:
-    np.testing.assert_allclose(lp_c, lp_f, rtol=0, atol=5e-6)
+    np.testing.assert_allclose(lp_c, lp_f, rtol=1e-5, atol=0)
   else:
     np.testing.assert_array_equal(lp_c, lp_f)
   ended = (tok_f == specials.EOS).any(1)

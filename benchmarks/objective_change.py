@@ -10,7 +10,8 @@ share of the two readings' mean. The finetune stage's own readings are the
 held-out KL teacher-forced on validation tunes (`kl_heldout`) and the noisy
 per-step on-policy KL (`kl`, diverse_cfg/convergence.py); this one reads the
 objective itself, precisely, at the cost of sampling prompts x k rollouts per
-checkpoint. CPU, about 20 s per checkpoint at 256 x 4 on the `cpu` preset:
+checkpoint. CPU: 46 s for two students' two checkpoints each at 256 x 4 on the `cpu` preset
+(start-up and compilation included; BENCHMARKS.md):
 
   python -m benchmarks.objective_change --config=configs/essen.py:cpu --workdir=DIR \
       --config.data.data_dir=DIR/data --steps=150,300

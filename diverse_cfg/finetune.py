@@ -256,8 +256,9 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
 
 def heldout_layout(exp: experiment_lib.Experiment, count: int,
                    packed_rows: float) -> packing.Layout | None:
-  """How the probe packs its `count` replicated sequences: one shape (they never change), in
-  packed_rows of their rows; None (own rows) for 0 or when they cannot fit."""
+  """How `count` replicated sequences are scored (the probe's fixed tunes, or rollouts): one
+  packed shape, in packed_rows of their rows, each call falling back to their own rows when its
+  sequences do not fit; None (own rows) for 0 or when they never can."""
   return packing.layout(count, 1, packed_rows, *packing.row_slots(exp.model_cfg, exp.length_bounds))
 
 

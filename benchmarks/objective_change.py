@@ -19,6 +19,8 @@ checkpoint. CPU: 46 s for two students' two checkpoints each at 256 x 4 on the `
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
@@ -86,7 +88,14 @@ def main(argv):
   print('|---|---:|---:|---:|---|')
   for beta in (_BETAS.value or f.betas):
     ckpt_dir = workdir_lib.checkpoints(wd.student(float(beta)))
-    steps = [int(s) for s in _STEPS.value] if _STEPS.value else checkpoints.saved_steps(ckpt_dir)
+    saved = checkpoints.saved_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    steps = [int(s) for s in _STEPS.value] if _STEPS.value else saved
+    missing = sorted(set(steps) - set(saved))
+    if not saved or missing:
+      raise checkpoints.CheckpointError(
+          f'student beta={float(beta):g}: ' + (f'no checkpoint of step(s) {missing} in {ckpt_dir} '
+                                              f'(kept: {saved})' if saved else
+                                              f'no checkpoints in {ckpt_dir}'))
     readings, previous = [], None
     for step in steps:
       params = checkpoints.restore_params(ckpt_dir, abstract, step)

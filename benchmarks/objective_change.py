@@ -76,8 +76,8 @@ def main(argv):
   if len(prompt_PxC) * _K.value % rows:
     raise app.UsageError(f'--batch={rows} must divide the {len(prompt_PxC)} prompts x --k='
                          f'{_K.value} rollouts (one compiled shape)')
-  rollout_kl = finetune.rollout_kl_fn(cfg, f.kl, f.temperature, finetune.teacher_guidance(config),
-                                      exp.length_bounds,
+  rollout_kl = finetune.rollout_kl_fn(cfg, f.kl, f.temperature,
+                                      finetune.teacher_guidance(exp.config), exp.length_bounds,
                                       finetune.heldout_layout(exp, rows, f.packed_rows),
                                       int(f.rollout_min_rows))
   out = {'prompts': len(prompt_PxC), 'k': _K.value, 'level': convergence.LEVEL, 'students': {}}

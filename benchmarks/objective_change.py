@@ -19,8 +19,6 @@ checkpoint. CPU: 46 s for two students' two checkpoints each at 256 x 4 on the `
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
@@ -88,7 +86,7 @@ def main(argv):
   print('|---|---:|---:|---:|---|')
   for beta in (_BETAS.value or f.betas):
     ckpt_dir = workdir_lib.checkpoints(wd.student(float(beta)))
-    saved = checkpoints.saved_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    saved = checkpoints.saved_steps(ckpt_dir)
     steps = [int(s) for s in _STEPS.value] if _STEPS.value else saved
     missing = sorted(set(steps) - set(saved))
     if not saved or missing:

@@ -6,11 +6,10 @@ and the KL to the CFG teacher is summed over each rollout. Every checkpoint is
 read on the same prompts with the same keys (common random numbers), so the
 change between two checkpoints is paired by prompt: its 90 % t interval over
 the prompts (convergence.LEVEL, the finetune stage's criterion) is printed as a
-share of the two readings' mean. The finetune stage's own readings are the
-held-out KL teacher-forced on validation tunes (`kl_heldout`) and the noisy
-per-step on-policy KL (`kl`, diverse_cfg/convergence.py); this one reads the
-objective itself, precisely, at the cost of sampling prompts x k rollouts per
-checkpoint. CPU: 46 s for two students' two checkpoints each at 256 x 4 on the `cpu` preset
+share of the two readings' mean. The finetune stage reads the objective the
+same way at its convergence window's two ends (finetune.objective_prompts,
+diverse_cfg/convergence.py); this reads it at any saved checkpoints, with any
+number of prompts, rollouts and keys. CPU: 46 s for two students' two checkpoints each at 256 x 4 on the `cpu` preset
 (start-up and compilation included; BENCHMARKS.md):
 
   python -m benchmarks.objective_change --config=configs/essen.py:cpu --workdir=DIR \
@@ -23,7 +22,6 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from benchmarks.common import write_json
@@ -31,7 +29,6 @@ from diverse_cfg import checkpoints
 from diverse_cfg import convergence
 from diverse_cfg import experiment as experiment_lib
 from diverse_cfg import finetune
-from diverse_cfg import sampling
 from diverse_cfg import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset] of the run.')
@@ -43,20 +40,6 @@ _K = flags.DEFINE_integer('k', 4, 'Rollouts per prompt.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Rollouts per call.')
 _SEED = flags.DEFINE_integer('seed', 1234, 'Seed of the rollouts\' keys (the same at every step).')
 _OUT = flags.DEFINE_string('out', None, 'Optional JSON output path.')
-
-
-def objective_by_prompt(rollout_kl, params, teacher, prompt_PxC, k: int, batch: int,
-                        seed: int) -> tuple[np.ndarray, float]:
-  """(mean KL of each prompt's k rollouts, mean rollout length): batch rows per call, the
-  call's key fixed by its position (common random numbers across checkpoints)."""
-  prompt_BxC = np.repeat(prompt_PxC, k, axis=0)
-  kl, lengths = [], []
-  for i, start in enumerate(range(0, len(prompt_BxC), batch)):
-    kl_R, tokens_RxT = rollout_kl(params, teacher, prompt_BxC[start:start + batch],
-                                  jax.random.fold_in(jax.random.key(seed), i))
-    kl.append(np.asarray(kl_R, np.float64))
-    lengths.append(np.asarray(sampling.token_mask(tokens_RxT)).sum(-1))
-  return np.concatenate(kl).reshape(-1, k).mean(1), float(np.concatenate(lengths).mean())
 
 
 def main(argv):
@@ -97,8 +80,8 @@ def main(argv):
     readings, previous = [], None
     for step in steps:
       params = checkpoints.restore_params(ckpt_dir, abstract, step)
-      kl_P, length = objective_by_prompt(rollout_kl, params, teacher, prompt_PxC, _K.value, rows,
-                                         _SEED.value)
+      kl_P, length = finetune.objective_by_prompt(rollout_kl, params, teacher, prompt_PxC,
+                                                  _K.value, rows, jax.random.key(_SEED.value))
       reading = {'step': step, 'objective': float(kl_P.mean()), 'length': length}
       moved = ''
       if previous is not None:

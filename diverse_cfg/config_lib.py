@@ -105,11 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
   f.temperature = 1.0  # student sampling temperature during finetuning (1 = on-policy)
   f.eval_prompts = 32  # held-out prompts for the periodic quality/diversity evaluation
   f.eval_k = 4
-  # Converged? The 90 % interval of the change of the least-squares line of the held-out or the
-  # on-policy KL over the last plateau_window of the steps lies within +-plateau_tol of its mean,
-  # and neither moves by more (diverse_cfg/convergence.py); reported, never enforced. The
-  # held-out KL is read every heldout_every steps (a multiple of log_every) on the first
-  # heldout_sequences validation sequences; its interval comes from their spread.
+  # Converged? The 90 % interval of the objective's change over the last plateau_window of the
+  # steps lies within +-plateau_tol of its mean (diverse_cfg/convergence.py); reported, never
+  # enforced. The objective (the on-policy KL: objective_k rollouts of each of the first
+  # objective_prompts validation prompts, rounded down to a multiple of batch_size, with the
+  # same keys each time) is read at the window's first logged step and the last; 0 = not read,
+  # and the verdict falls back on the proxies: the held-out KL (teacher-forced every
+  # heldout_every steps, a multiple of log_every, on the first heldout_sequences validation
+  # sequences) and the per-step on-policy KL.
+  f.objective_prompts, f.objective_k = 256, 4
   f.heldout_sequences, f.heldout_every = 128, 20
   f.plateau_window = 0.5
   f.plateau_tol = 0.1
@@ -277,6 +281,9 @@ def validate_finetune(f: ml_collections.ConfigDict) -> None:
   _require(0 < f.plateau_window <= 1, 'finetune.plateau_window', 'must lie in (0, 1]',
            f.plateau_window)
   _require(f.plateau_tol > 0, 'finetune.plateau_tol', 'must be > 0', f.plateau_tol)
+  _require(f.objective_prompts >= 0, 'finetune.objective_prompts', 'must be >= 0 (0: not read)',
+           f.objective_prompts)
+  _require(f.objective_k >= 1, 'finetune.objective_k', 'must be >= 1', f.objective_k)
   _require(f.heldout_sequences >= 2, 'finetune.heldout_sequences',
            'must be >= 2 (the held-out KL\'s interval comes from their spread)',
            f.heldout_sequences)

@@ -7,7 +7,7 @@ the window's first step to its last, relative to the window's mean, gets a
 lies within +-tol (an equivalence test: it is shown to move by at most tol),
 is *moving* when the whole interval lies beyond it, and is *undecided* when it
 is too uncertain to tell in this many steps. It needs at least 3 logged points
-in the window; with fewer it says so.
+in the window (2 for a figure logged with its items); with fewer it says so.
 
 Where the interval comes from depends on what makes the figure uncertain:
 
@@ -27,9 +27,20 @@ Where the interval comes from depends on what makes the figure uncertain:
   autocorrelation rho > 0, `lag1_autocorrelation`), by sqrt((1 + rho) / (1 - rho))
   with the degrees of freedom shrunk to the effective number of points.
 
-A student (`check`) has converged when one of its two KL readings has
-plateaued and neither is moving. Runs logged without `kl_heldout` are judged on
-`kl` alone; a `kl_heldout` logged without its items (older runs) is read like `kl`.
+Both are proxies. The objective itself (`objective`: the on-policy KL of
+finetune.objective_k rollouts of each of finetune.objective_prompts validation
+prompts, summed over each rollout) is read at the window's first logged step
+and at the last, with the same prompts and keys both times (common random
+numbers), each prompt's mean logged (`objective/items`): the change is paired
+by prompt, with a t interval over the prompts (the items' line through two
+readings is their difference).
+
+A student (`check`) has converged when its objective, read over the window,
+has plateaued: its verdict is the student's, the proxies shown beside it (they
+miss the objective both ways: docs/evaluation.md). Runs that did not read it
+have converged when one proxy has plateaued and neither is moving. Runs logged
+without `kl_heldout` are judged on `kl` alone; a `kl_heldout` logged without
+its items (older runs) is read like `kl`.
 """
 
 from __future__ import annotations
@@ -75,12 +86,16 @@ def plateau(rows: list[dict], key: str = 'kl', window: float = 0.5, tol: float =
   last = points[-1][0]
   start = last - window * last
   inside = [p for p in points if p[0] >= start]
-  if len(inside) < 3:
-    return {**out, 'reason': f'{len(inside)} logged points in the window, need 3'}
-  steps, values, items = zip(*inside)
+  items = [p[2] for p in inside]
+  by_items = (all(v is not None for v in items) and len({len(v) for v in items}) == 1
+              and len(items[0]) > 1)
+  need = 2 if by_items else 3  # a line per item through 2 readings: their paired change
+  if len(inside) < need:
+    return {**out, 'reason': f'{len(inside)} logged points in the window, need {need}'}
+  steps, values, _ = zip(*inside)
   x, y = np.asarray(steps, np.float64), np.asarray(values, np.float64)
   mean = float(y.mean())
-  if all(v is not None for v in items) and len({len(v) for v in items}) == 1 and len(items[0]) > 1:
+  if by_items:
     change, half, noise = _change_over_items(x, np.asarray(items, np.float64))
   else:
     change, half, noise = _change_over_readings(x, y)
@@ -189,17 +204,24 @@ def run_metrics(run_dir: str) -> list[dict]:
 
 def check(rows: list[dict], f) -> dict:
   """A student's verdict from its logged rows, with the finetune section's window and tol:
-  {'plateaued', 'verdict', 'criterion', 'readings': the plateau() of kl_heldout and of kl}.
-  Converged: one of them plateaued, neither moving (module docstring)."""
-  readings = [plateau(rows, key, f.plateau_window, f.plateau_tol) for key in ('kl_heldout', 'kl')]
-  if readings[0].get('reason', '').startswith('no '):  # logged before the held-out KL existed
-    readings = readings[1:]
-  verdicts = [r['verdict'] for r in readings if 'reason' not in r]
-  plateaued = 'plateaued' in verdicts and 'moving' not in verdicts
-  criterion = (f'least-squares line of {" or ".join(r["metric"] for r in readings)} over the last '
-               f'{f.plateau_window:.0%} of steps moves by <= {f.plateau_tol:.0%} of its mean, at '
-               f'{LEVEL:.0%} confidence' + (', and neither is shown to move by more'
-                                            if len(readings) > 1 else ''))
-  return {'plateaued': plateaued, 'criterion': criterion, 'readings': readings,
-          'verdict': 'plateaued' if plateaued else 'moving' if 'moving' in verdicts
-          else 'undecided'}
+  {'plateaued', 'verdict', 'criterion', 'readings': the plateau() of objective, kl_heldout and
+  kl, those never logged left out}. The objective's verdict is the student's when it was read
+  over the window; else converged means one proxy plateaued and neither moving (module
+  docstring)."""
+  readings = [plateau(rows, key, f.plateau_window, f.plateau_tol)
+              for key in ('objective', 'kl_heldout', 'kl')]
+  readings = [r for r in readings if not r.get('reason', '').startswith('no ')] or readings[-1:]
+  window = f'over the last {f.plateau_window:.0%} of steps'
+  band = f'by <= {f.plateau_tol:.0%} of its mean, at {LEVEL:.0%} confidence'
+  if readings[0]['metric'] == 'objective' and 'reason' not in readings[0]:
+    verdict = readings[0]['verdict']
+    criterion = f'the objective\'s paired change {window} (same prompts and keys) is {band}'
+  else:
+    verdicts = [r['verdict'] for r in readings if 'reason' not in r and r['metric'] != 'objective']
+    verdict = ('plateaued' if 'plateaued' in verdicts and 'moving' not in verdicts else
+               'moving' if 'moving' in verdicts else 'undecided')
+    proxies = [r['metric'] for r in readings if r['metric'] != 'objective']
+    criterion = (f'least-squares line of {" or ".join(proxies)} {window} moves {band}'
+                 + (', and neither is shown to move by more' if len(proxies) > 1 else ''))
+  return {'plateaued': verdict == 'plateaued', 'criterion': criterion, 'readings': readings,
+          'verdict': verdict}

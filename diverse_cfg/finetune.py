@@ -126,6 +126,31 @@ def rollout_kl_fn(cfg: model_lib.ModelConfig, kl: str, temperature: float,
   return rollout_kl
 
 
+def objective_by_prompt(rollout_kl, params, teacher, prompt_PxC, k: int, rows: int, key,
+                        place=lambda x: x) -> tuple[np.ndarray, float]:
+  """(the mean KL of each prompt's k rollouts, the rollouts' mean length): `rows` rollouts per
+  rollout_kl call, the call's key fold_in(key, its index), so that the same prompts and key
+  give the same draws at any checkpoint (common random numbers). place: lays a call's prompts
+  out (e.g. on the mesh)."""
+  prompt_BxC = np.repeat(np.asarray(prompt_PxC), k, axis=0)
+  kl, lengths = [], []
+  for i, start in enumerate(range(0, len(prompt_BxC), rows)):
+    kl_R, tokens_RxT = rollout_kl(params, teacher, place(prompt_BxC[start:start + rows]),
+                                  jax.random.fold_in(key, i))
+    kl.append(np.asarray(kl_R, np.float64))
+    lengths.append(np.asarray(sampling.token_mask(tokens_RxT)).sum(-1))
+  return np.concatenate(kl).reshape(-1, k).mean(1), float(np.concatenate(lengths).mean())
+
+
+def objective_steps(f) -> tuple[int, ...]:
+  """The steps the finetune stage reads its objective at: the first logged step of the
+  convergence window (the last plateau_window of the steps) and the last step; () if not read."""
+  if not f.objective_prompts:
+    return ()
+  first = -(-int(f.num_steps * (1 - f.plateau_window)) // f.log_every) * f.log_every
+  return tuple(sorted({max(first, f.log_every), int(f.num_steps)}))
+
+
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
                      embed_apply, guidance: sampling.Guidance,
                      bounds: sampling.LengthBounds = sampling.LengthBounds(),
@@ -233,11 +258,20 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
                              heldout_layout(exp, len(heldout['tokens']), f.packed_rows))
   heldout = {k: sharding_lib.to_global(v, repl) for k, v in heldout.items()}
 
-  def probe(state):
-    kl_N = np.asarray(heldout_kl(state['params'], teacher, heldout['tokens'], heldout['prompt']),
-                      np.float64)
-    return {'kl_heldout': float(kl_N.mean()),
-            convergence.items_key('kl_heldout'): [float(v) for v in kl_N]}
+  read_objective = objective_fn(exp, teacher)
+
+  def probe(state, step):
+    out = {}
+    if step % f.heldout_every == 0 or step == f.num_steps:
+      kl_N = np.asarray(heldout_kl(state['params'], teacher, heldout['tokens'],
+                                   heldout['prompt']), np.float64)
+      out['kl_heldout'] = float(kl_N.mean())
+      out[convergence.items_key('kl_heldout')] = [float(v) for v in kl_N]
+    if read_objective is not None and step in objective_steps(f):
+      kl_P = read_objective(state['params'])
+      out['objective'] = float(kl_P.mean())
+      out[convergence.items_key('objective')] = [float(v) for v in kl_P]
+    return out
 
   return training.Task(
       name=f'finetune beta={beta:g}', init_state=pretrain.init_state_fn(cfg, tx),
@@ -246,12 +280,32 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
                                   teacher_guidance(exp.config), exp.length_bounds,
                                   exp.packing(rows, f)),
       batches=prompts, batch_shardings=batch_sharding, evaluate=evaluate_fn, probe=probe,
-      probe_every=f.heldout_every,
       # The embedder's params sit on one device per process: laid out on the mesh here.
       frozen={'teacher': teacher, 'embedder': sharding_lib.to_global(embedder.params, repl)},
       frozen_shardings={'teacher': teacher_shardings,
                         'embedder': jax.tree.map(lambda _: repl, embedder.params)},
       tokens_per_step=rows * cfg.seq_len, flops_per_step=finetune_flops(cfg, rows))
+
+
+def objective_fn(exp: experiment_lib.Experiment, teacher):
+  """params -> the finetuning objective of each of the first finetune.objective_prompts
+  validation prompts (rounded down to a multiple of batch_size, so that each call holds a
+  training step's prompts): objective_by_prompt with the same key every time. None when not
+  read (objective_prompts = 0, or too few validation prompts)."""
+  f = exp.config.finetune
+  prompt_PxC = heldout_examples(exp, f.objective_prompts)['prompt']
+  prompt_PxC = prompt_PxC[:len(prompt_PxC) // f.batch_size * f.batch_size]
+  if len(prompt_PxC) < 2:
+    return None
+  rows = f.batch_size * f.objective_k
+  rollout_kl = rollout_kl_fn(exp.model_cfg, f.kl, f.temperature, teacher_guidance(exp.config),
+                             exp.length_bounds, heldout_layout(exp, rows, f.packed_rows),
+                             int(f.rollout_min_rows))
+  repl = sharding_lib.replicated(exp.mesh)
+  key = jax.random.key(exp.config.seed + 11)
+  return lambda params: objective_by_prompt(
+      rollout_kl, params, teacher, prompt_PxC, f.objective_k, rows, key,
+      lambda x: sharding_lib.to_global(x, repl))[0]
 
 
 def heldout_layout(exp: experiment_lib.Experiment, count: int,

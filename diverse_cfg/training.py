@@ -155,11 +155,10 @@ class Task:
   batches: Iterator[dict] | None  # grain iterator (checkpointed) or None if the step makes its data
   batch_shardings: Any = None
   evaluate: Callable[[dict, int], dict[str, float]] | None = None
-  # state -> {name: float or list of floats}: figures of the current state, logged with the
-  # log row of every probe_every-th step (0: every log row) and the last (e.g. finetuning's
-  # held-out KL); their time is not counted as training throughput.
-  probe: Callable[[dict], dict[str, float | list[float]]] | None = None
-  probe_every: int = 0
+  # (state, step) -> {name: float or list of floats}: figures of the current state, logged with
+  # each log row (the probe picks its steps and returns {} at the others; e.g. finetuning's
+  # held-out KL and objective); their time is not counted as training throughput.
+  probe: Callable[[dict, int], dict[str, float | list[float]]] | None = None
   tokens_per_step: int = 0
   flops_per_step: float = 0.0
   # Replaces the random init on a fresh run (e.g. a student starting from the base model).
@@ -240,9 +239,8 @@ def run(task: Task, t: ml_collections.ConfigDict, config: ml_collections.ConfigD
         flops = task.flops_per_step / task.tokens_per_step * real
       row['mfu'] = flops / elapsed / (t.peak_flops * num_devices)
     last = pending[-1][0]
-    if task.probe is not None and (not task.probe_every or last % task.probe_every == 0
-                                   or last == t.num_steps):
-      row.update(task.probe(state))
+    if task.probe is not None:
+      row.update(task.probe(state, last))
     writer.write(last, row)
     history.append({'step': last, **row})
     bar.set_postfix({k: f'{row[k]:.4g}' for k in list(row)[:3]})

@@ -197,3 +197,46 @@ def test_objective_change_is_paired_by_prompt():
   c = convergence.paired_change(before, before + np.array([1.0, -1.0, 1.0, -1.0]))
   half = stats.t.ppf(0.95, 3) * np.sqrt(4 / 3) / 2  # t(90 %, 3 dof) * sd / sqrt(n)
   assert c['change'] == 0.0 and c['interval'] == pytest.approx([-half, half])
+
+
+def test_the_objective_read_at_the_window_ends_decides():
+  """Two readings with their items: the paired change (paired_change's closed form); when read
+  over the window the objective's verdict is the student's, whatever the proxies say."""
+  rng = np.random.default_rng(5)
+  before = rng.lognormal(1.0, 0.5, 64)
+  key = convergence.items_key('objective')
+  steps = range(10, 310, 10)
+  heldout_flat = [5 + 20 * np.exp(-s / 20) for s in steps]
+  rows = [{'step': s, 'kl': 8.5 + rng.normal(0, 0.05), 'kl_heldout': h}
+          for s, h in zip(steps, heldout_flat)]
+
+  def read(rows, after):
+    by_step = {r['step']: r for r in rows}
+    for s, v in ((150, before), (300, after)):
+      by_step[s] = {**by_step[s], 'objective': float(np.mean(v)), key: list(v)}
+    return [by_step[s] for s in sorted(by_step)]
+
+  falling = before * 0.8 + rng.normal(0, 0.01, 64)
+  v = convergence.plateau(read(rows, falling), 'objective')
+  c = convergence.paired_change(before, falling)
+  assert v['window_steps'] == [150, 300] and v['items'] == 64
+  assert v['relative_change'] == pytest.approx(c['relative'])
+  np.testing.assert_allclose(v['relative_change_interval'], c['relative_interval'])
+  # The proxies both plateau, the objective falls 20 %: moving.
+  v = convergence.check(read(rows, falling), _Finetune)
+  assert [r['metric'] for r in v['readings']] == ['objective', 'kl_heldout', 'kl']
+  assert [r['verdict'] for r in v['readings']] == ['moving', 'plateaued', 'plateaued']
+  assert v['verdict'] == 'moving' and not v['plateaued'] and 'paired' in v['criterion']
+  assert convergence.describe('beta=0', v).startswith('beta=0: not shown converged: objective '
+                                                      'is still moving (-22.')
+  # The held-out KL rises 40 %, the objective is flat: converged.
+  rising = [{**r, 'kl_heldout': 10 + 0.02 * r['step']} for r in rows]
+  flat = before + rng.normal(0, 0.01, 64)
+  v = convergence.check(read(rising, flat), _Finetune)
+  assert [r['verdict'] for r in v['readings']] == ['plateaued', 'moving', 'plateaued']
+  assert v['plateaued']
+  # Read once in the window (a run resumed to more steps): the proxies decide, as before.
+  once = read(rising, flat)
+  del once[-1]['objective'], once[-1][key]
+  v = convergence.check(once, _Finetune)
+  assert 'need 2' in v['readings'][0]['reason'] and v['verdict'] == 'moving'

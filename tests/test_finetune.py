@@ -56,6 +56,19 @@ def test_beta0_distils_teacher_and_beta_raises_diversity(base_run):
   assert logged[-1]['kl_heldout'] == pytest.approx(float(np.mean(final_N)), rel=1e-5)
   assert logged[-1]['kl_heldout'] < 0.7 * logged[0]['kl_heldout'], logged
 
+  # The objective, read at the convergence window's first logged step (20 of 40) and the last
+  # on the same prompts and keys: the last reading is the final student's.
+  read_objective = finetune.objective_fn(exp, teacher)
+  logged = [h for h in results[0.0].history if 'objective' in h]
+  assert [h['step'] for h in logged] == [20, 40] == list(finetune.objective_steps(config.finetune))
+  final_P = read_objective(results[0.0].state['params'])
+  assert len(final_P) == config.finetune.objective_prompts
+  np.testing.assert_allclose(logged[-1][convergence.items_key('objective')], final_P, rtol=1e-6)
+  assert logged[-1]['objective'] < logged[0]['objective']
+  verdict = convergence.check(convergence.run_metrics(workdir_lib.WorkDir(workdir).student(0.0)),
+                              config.finetune)
+  assert verdict['readings'][0]['metric'] == 'objective' and 'paired' in verdict['criterion']
+
   # The objective on fixed rollouts (benchmarks/objective_change.py): scored packed or in their
   # own rows alike, the same key giving the same rollouts; lower for the distilled student than
   # for the base model it started from.

@@ -211,17 +211,19 @@ def check(rows: list[dict], f) -> dict:
   readings = [plateau(rows, key, f.plateau_window, f.plateau_tol)
               for key in ('objective', 'kl_heldout', 'kl')]
   readings = [r for r in readings if not r.get('reason', '').startswith('no ')] or readings[-1:]
-  window = f'over the last {f.plateau_window:.0%} of steps'
-  band = f'by <= {f.plateau_tol:.0%} of its mean, at {LEVEL:.0%} confidence'
+  band = f'by <= {f.plateau_tol:.0%} of its mean'
   if readings[0]['metric'] == 'objective' and 'reason' not in readings[0]:
     verdict = readings[0]['verdict']
-    criterion = f'the objective\'s paired change {window} (same prompts and keys) is {band}'
+    criterion = (f'the objective, read at both ends of the last {f.plateau_window:.0%} of steps on '
+                 f'the same prompts and keys, moves {band} (paired over prompts)')
   else:
-    verdicts = [r['verdict'] for r in readings if 'reason' not in r and r['metric'] != 'objective']
+    proxies = [r for r in readings if r['metric'] != 'objective']
+    verdicts = [r['verdict'] for r in proxies if 'reason' not in r]
     verdict = ('plateaued' if 'plateaued' in verdicts and 'moving' not in verdicts else
                'moving' if 'moving' in verdicts else 'undecided')
-    proxies = [r['metric'] for r in readings if r['metric'] != 'objective']
-    criterion = (f'least-squares line of {" or ".join(proxies)} {window} moves {band}'
+    criterion = (f'least-squares line of {" or ".join(r["metric"] for r in proxies)} over the '
+                 f'last {f.plateau_window:.0%} of steps moves {band}'
                  + (', and neither is shown to move by more' if len(proxies) > 1 else ''))
+  criterion += f', at {LEVEL:.0%} confidence'
   return {'plateaued': verdict == 'plateaued', 'criterion': criterion, 'readings': readings,
           'verdict': verdict}

@@ -9,8 +9,9 @@ the prompts (convergence.LEVEL, the finetune stage's criterion) is printed as a
 share of the two readings' mean. The finetune stage reads the objective the
 same way at its convergence window's two ends (finetune.objective_prompts,
 diverse_cfg/convergence.py); this reads it at any saved checkpoints, with any
-number of prompts, rollouts and keys. CPU: 46 s for two students' two checkpoints each at 256 x 4 on the `cpu` preset
-(start-up and compilation included; BENCHMARKS.md):
+number of prompts, rollouts and keys. CPU: 46 s for two students' two
+checkpoints each at 256 x 4 on the `cpu` preset (start-up and compilation
+included; BENCHMARKS.md):
 
   python -m benchmarks.objective_change --config=configs/essen.py:cpu --workdir=DIR \
       --config.data.data_dir=DIR/data --steps=150,300

@@ -34,7 +34,7 @@ def get_config(arg: str = 'cpu'):
     c.train.eval_every = 10
     c.train.eval_batches = 2
     c.train.ckpt_every = 10
-    c.finetune.objective_prompts = 16
+    c.finetune.objective_prompts, c.finetune.objective_rollouts = 16, 64
   elif preset == 'cpu':
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 4, 128, 4, 384
     c.train.batch_size = 32

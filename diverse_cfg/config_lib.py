@@ -107,13 +107,14 @@ def base_config() -> ml_collections.ConfigDict:
   f.eval_k = 4
   # Converged? The 90 % interval of the objective's change over the last plateau_window of the
   # steps lies within +-plateau_tol of its mean (diverse_cfg/convergence.py); reported, never
-  # enforced. The objective (the on-policy KL: objective_k rollouts of each of the first
-  # objective_prompts validation prompts, rounded down to a multiple of batch_size, with the
-  # same keys each time) is read at the window's first logged step and the last; 0 = not read,
+  # enforced. The objective (the on-policy KL on the first objective_prompts validation prompts,
+  # rounded down to a multiple of batch_size, with objective_rollouts // prompts rollouts each
+  # (at least 1), the same keys each time: fewer prompts, more rollouts each) is read at the
+  # window's first logged step and the last; objective_prompts = 0: not read,
   # and the verdict falls back on the proxies: the held-out KL (teacher-forced every
   # heldout_every steps, a multiple of log_every, on the first heldout_sequences validation
   # sequences) and the per-step on-policy KL.
-  f.objective_prompts, f.objective_k = 256, 4
+  f.objective_prompts, f.objective_rollouts = 256, 1024
   f.heldout_sequences, f.heldout_every = 128, 20
   f.plateau_window = 0.5
   f.plateau_tol = 0.1
@@ -283,7 +284,8 @@ def validate_finetune(f: ml_collections.ConfigDict) -> None:
   _require(f.plateau_tol > 0, 'finetune.plateau_tol', 'must be > 0', f.plateau_tol)
   _require(f.objective_prompts >= 0, 'finetune.objective_prompts', 'must be >= 0 (0: not read)',
            f.objective_prompts)
-  _require(f.objective_k >= 1, 'finetune.objective_k', 'must be >= 1', f.objective_k)
+  _require(f.objective_rollouts >= 1, 'finetune.objective_rollouts', 'must be >= 1',
+           f.objective_rollouts)
   _require(f.heldout_sequences >= 2, 'finetune.heldout_sequences',
            'must be >= 2 (the held-out KL\'s interval comes from their spread)',
            f.heldout_sequences)

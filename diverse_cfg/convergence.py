@@ -27,9 +27,9 @@ Where the interval comes from depends on what makes the figure uncertain:
   autocorrelation rho > 0, `lag1_autocorrelation`), by sqrt((1 + rho) / (1 - rho))
   with the degrees of freedom shrunk to the effective number of points.
 
-Both are proxies. The objective itself (`objective`: the on-policy KL of
-finetune.objective_k rollouts of each of finetune.objective_prompts validation
-prompts, summed over each rollout) is read at the window's first logged step
+Both are proxies. The objective itself (`objective`: the on-policy KL summed
+over each rollout, finetune.objective_rollouts of them spread over the first
+finetune.objective_prompts validation prompts) is read at the window's first logged step
 and at the last, with the same prompts and keys both times (common random
 numbers), each prompt's mean logged (`objective/items`): the change is paired
 by prompt, with a t interval over the prompts (the items' line through two

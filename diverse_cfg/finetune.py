@@ -290,21 +290,23 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
 def objective_fn(exp: experiment_lib.Experiment, teacher):
   """params -> the finetuning objective of each of the first finetune.objective_prompts
   validation prompts (rounded down to a multiple of batch_size, so that each call holds a
-  training step's prompts): objective_by_prompt with the same key every time. None when not
-  read (objective_prompts = 0, or too few validation prompts)."""
+  training step's prompts), from objective_rollouts // prompts rollouts each (>= 1):
+  objective_by_prompt with the same key every time. None when not read (objective_prompts = 0,
+  or too few validation prompts)."""
   f = exp.config.finetune
   prompt_PxC = heldout_examples(exp, f.objective_prompts)['prompt']
   prompt_PxC = prompt_PxC[:len(prompt_PxC) // f.batch_size * f.batch_size]
   if len(prompt_PxC) < 2:
     return None
-  rows = f.batch_size * f.objective_k
+  k = max(1, f.objective_rollouts // len(prompt_PxC))
+  rows = f.batch_size * k
   rollout_kl = rollout_kl_fn(exp.model_cfg, f.kl, f.temperature, teacher_guidance(exp.config),
                              exp.length_bounds, heldout_layout(exp, rows, f.packed_rows),
                              int(f.rollout_min_rows))
   repl = sharding_lib.replicated(exp.mesh)
   key = jax.random.key(exp.config.seed + 11)
   return lambda params: objective_by_prompt(
-      rollout_kl, params, teacher, prompt_PxC, f.objective_k, rows, key,
+      rollout_kl, params, teacher, prompt_PxC, k, rows, key,
       lambda x: sharding_lib.to_global(x, repl))[0]
 
 

@@ -181,8 +181,12 @@ def plot_curves(runs: dict[float, list[dict]], path: str) -> str | None:
     for b, rows in runs.items():
       pts = [(r['step'], r[key]) for r in rows if key in r]
       if pts:
-        ax.plot(*zip(*pts), label=f'beta={float(b):g}')
-    ax.set_title(key)
+        line, = ax.plot(*zip(*pts), label=f'beta={float(b):g}')
+        objective = [(r['step'], r['objective']) for r in rows if 'objective' in r]
+        if key == 'kl' and objective:  # the convergence verdict's readings, on the same scale
+          ax.plot(*zip(*objective), 'o', color=line.get_color(), markersize=7)
+    ax.set_title('kl (dots: the objective read for convergence)' if key == 'kl' else key,
+                 fontsize=10 if key == 'kl' else None)
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)

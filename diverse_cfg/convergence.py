@@ -61,6 +61,17 @@ def items_key(key: str) -> str:
   return f'{key}/items'
 
 
+def window_start(last: int, window: float) -> float:
+  """The first step of the convergence window of a run whose last step is `last`."""
+  return last - window * last
+
+
+def reading(key: str, values) -> dict:
+  """A figure logged with its items: {key: their mean, items_key(key): each value}."""
+  values = np.asarray(values, np.float64)
+  return {key: float(values.mean()), items_key(key): [float(v) for v in values]}
+
+
 def read_metrics(path: str) -> list[dict]:
   """The logged rows of a metrics.jsonl, one per step (a resumed run's rewrite of a step wins)."""
   if not os.path.exists(path):
@@ -83,8 +94,7 @@ def plateau(rows: list[dict], key: str = 'kl', window: float = 0.5, tol: float =
   out = {'metric': key, 'criterion': criterion, 'plateaued': False, 'verdict': 'undecided'}
   if not points:
     return {**out, 'reason': f'no {key} logged'}
-  last = points[-1][0]
-  start = last - window * last
+  start = window_start(points[-1][0], window)
   inside = [p for p in points if p[0] >= start]
   items = [p[2] for p in inside]
   by_items = (all(v is not None for v in items) and len({len(v) for v in items}) == 1

@@ -19,6 +19,7 @@ evaluators from DIR/embedder and DIR/classifier)
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +148,8 @@ def objective_steps(f) -> tuple[int, ...]:
   convergence window (the last plateau_window of the steps) and the last step; () if not read."""
   if not f.objective_prompts:
     return ()
-  first = -(-int(f.num_steps * (1 - f.plateau_window)) // f.log_every) * f.log_every
-  return tuple(sorted({max(first, f.log_every), int(f.num_steps)}))
+  first = math.ceil(convergence.window_start(f.num_steps, f.plateau_window) / f.log_every)
+  return tuple(sorted({min(max(first, 1) * f.log_every, f.num_steps), int(f.num_steps)}))
 
 
 def finetune_step_fn(cfg: model_lib.ModelConfig, f, tx, schedule, beta: float, seed: int,
@@ -258,19 +259,15 @@ def make_task(exp: experiment_lib.Experiment, workdir: workdir_lib.WorkDir, beta
                              heldout_layout(exp, len(heldout['tokens']), f.packed_rows))
   heldout = {k: sharding_lib.to_global(v, repl) for k, v in heldout.items()}
 
-  read_objective = objective_fn(exp, teacher)
+  read_objective, objective_at = objective_fn(exp, teacher), objective_steps(f)
 
   def probe(state, step):
     out = {}
     if step % f.heldout_every == 0 or step == f.num_steps:
-      kl_N = np.asarray(heldout_kl(state['params'], teacher, heldout['tokens'],
-                                   heldout['prompt']), np.float64)
-      out['kl_heldout'] = float(kl_N.mean())
-      out[convergence.items_key('kl_heldout')] = [float(v) for v in kl_N]
-    if read_objective is not None and step in objective_steps(f):
-      kl_P = read_objective(state['params'])
-      out['objective'] = float(kl_P.mean())
-      out[convergence.items_key('objective')] = [float(v) for v in kl_P]
+      out.update(convergence.reading('kl_heldout', heldout_kl(
+          state['params'], teacher, heldout['tokens'], heldout['prompt'])))
+    if read_objective is not None and step in objective_at:
+      out.update(convergence.reading('objective', read_objective(state['params'])))
     return out
 
   return training.Task(

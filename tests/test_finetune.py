@@ -6,6 +6,7 @@ The base model is conftest.py's base_run.
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -116,3 +117,17 @@ def test_sigterm_during_finetuning_then_relaunch_equals_uninterrupted(base_run, 
   resumed = run('preempted')
   assert resumed.step == 12 and not resumed.preempted
   jax.tree.map(np.testing.assert_array_equal, resumed.state, reference.state)
+
+
+@pytest.mark.parametrize('num_steps, log_every, expected', [
+    (300, 10, (150, 300)), (301, 10, (160, 301)), (40, 5, (20, 40)), (7, 10, (7,))])
+def test_the_objective_is_read_at_the_convergence_window_ends(num_steps, log_every, expected):
+  """The first logged step inside convergence's window (a 301-step run's starts at 150.5: 150
+  would fall outside it) and the last step; none with objective_prompts = 0."""
+  f = ml_collections.ConfigDict(dict(objective_prompts=8, num_steps=num_steps, log_every=log_every,
+                                     plateau_window=0.5))
+  steps = finetune.objective_steps(f)
+  assert steps == expected
+  assert steps[0] >= convergence.window_start(num_steps, 0.5)
+  f.objective_prompts = 0
+  assert finetune.objective_steps(f) == ()
